@@ -1,0 +1,113 @@
+"""Model configs. Field names follow the HF configs (SiglipVisionConfig, Qwen2Config) where they exist."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower. Defaults: so400m-patch14-384 as Open-Qwen2VL runs it."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    # timm weights (what Open-Qwen2VL ran) use exact erf GELU; HF SiglipVisionModel uses tanh.
+    hidden_act: Literal["gelu", "gelu_pytorch_tanh"] = "gelu"
+    # Index into HF-style hidden_states (0 = embeddings, i = after layer i): -2 = second-to-last block.
+    feature_layer: int = -2
+    # Apply post_layernorm to the selected features (valid only for the last layer; the original: no).
+    feature_post_layernorm: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("vision hidden_size must be divisible by num_attention_heads")
+        if self.num_layers_run() < 1:
+            raise ValueError(f"vision feature_layer={self.feature_layer} selects no encoder layer")
+        if self.feature_post_layernorm and self.num_layers_run() != self.num_hidden_layers:
+            raise ValueError("feature_post_layernorm needs feature_layer to select the last layer")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size  # VALID conv: trailing pixels are never seen
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def num_layers_run(self) -> int:
+        n = self.feature_layer if self.feature_layer >= 0 else self.num_hidden_layers + 1 + self.feature_layer
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 decoder. Defaults: Qwen2.5-1.5B(-Instruct)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads, as HF Qwen2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    # Image tokens per image after pooling the patch grid: a square (144 = 12x12 pre-training,
+    # 729 = 27x27 identity for SFT).
+    image_tokens: int = 144
+    projector_hidden_act: Literal["gelu", "gelu_pytorch_tanh"] = "gelu"
+    # Vocabulary id of the placeholder that marks image positions in input_ids (the data path writes
+    # `image_tokens` copies per image). Computed from the tokenizer by the data tools.
+    image_token_id: int = 151655
+    # Dtype policy: parameters are stored in param_dtype, matmuls run in dtype; norms, softmax and
+    # the loss always run in float32.
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    vision_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention: Literal["xla", "cudnn"] = "xla"
+    # True reproduces the original: plain causal attention over the whole packed row, positions
+    # 0..L-1 not reset per sample, and the next sample's first token predicted from the previous one.
+    cross_segment_attention: bool = False
+    # Static bound on segments per row for the cuDNN packed layout.
+    max_segments: int = 64
+    # Activation checkpointing of decoder layers: none | full | dots (save matmul outputs).
+    remat: Literal["none", "full", "dots"] = "full"
+
+    def __post_init__(self):
+        side = math.isqrt(self.image_tokens)
+        if side * side != self.image_tokens:
+            raise ValueError(f"image_tokens={self.image_tokens} is not a square number")
+        if side > self.vision.grid_size:
+            raise ValueError(
+                f"image_tokens={self.image_tokens} ({side}x{side}) exceeds the {self.vision.grid_size}x"
+                f"{self.vision.grid_size} patch grid"
+            )
+
+    @property
+    def pooled_side(self) -> int:
+        return math.isqrt(self.image_tokens)

@@ -1,0 +1,143 @@
+"""Qwen2 decoder (Qwen2.5 family), HF Qwen2ForCausalLM layout.
+
+GQA with q/k/v biases, half-split ("rotate_half") RoPE at explicit per-token positions, RMSNorm in
+float32, SiLU-gated MLP, tied or untied LM head. Attention is restricted to the token's own segment
+of a packed row unless `cross_segment` (the original's plain causal over the row).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from oq2vl_jax.models.attention import attention
+from oq2vl_jax.models.config import TextConfig
+from oq2vl_jax.models.layers import RMSNorm, linear
+from oq2vl_jax.sharding import constrain
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """x: [B, T, N, H]; positions: int [B, T]. cos/sin in float32, cast to x's dtype as HF does."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, attn: dict, dtype, param_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, cfg.num_attention_heads * hd, ("embed", "heads"), **kw)
+        self.k_proj = linear(d, cfg.num_key_value_heads * hd, ("embed", "kv"), **kw)
+        self.v_proj = linear(d, cfg.num_key_value_heads * hd, ("embed", "kv"), **kw)
+        self.o_proj = linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.rope_theta = cfg.rope_theta
+        self.attn = attn  # impl / cross_segment / max_segments
+
+    def __call__(self, x, positions, segment_ids):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        out = attention(q, k, v, segment_ids, causal=True, **self.attn)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, attn: dict, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Qwen2Attention(cfg, attn=attn, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "seq", None))
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_call(layer, x, positions, segment_ids):
+    return layer(x, positions, segment_ids)
+
+
+class Qwen2Model(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, attn: dict, remat: str, dtype, param_dtype, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([
+            Qwen2DecoderLayer(cfg, attn=attn, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(cfg.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.remat = remat
+
+    def __call__(self, inputs_embeds, positions, segment_ids):
+        call = _layer_call
+        if self.remat != "none":
+            call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
+        x = constrain(inputs_embeds, ("batch", "seq", None))
+        for layer in self.layers:
+            x = call(layer, x, positions, segment_ids)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, attn_impl: str = "xla", cross_segment: bool = False,
+                 max_segments: int = 64, remat: str = "none", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.cross_segment = cross_segment
+        attn = dict(impl=attn_impl, cross_segment=cross_segment, max_segments=max_segments)
+        self.model = Qwen2Model(cfg, attn=attn, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(input_ids)
+
+    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None):
+        """Final normed hidden states. Positions default to 0..T-1, segments to one per row."""
+        b, t = inputs_embeds.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None or self.cross_segment:
+            # The original never reset positions inside a packed row.
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return self.model(inputs_embeds, positions, segment_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.logits(self.hidden_states(self.embed(input_ids), positions, segment_ids))

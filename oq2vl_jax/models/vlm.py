@@ -1,0 +1,93 @@
+"""The VLM: SigLIP tower -> pooled MLP projector -> image embeddings spliced into Qwen2.
+
+Batch layout (one packed row per batch row; see oq2vl_jax/data):
+  input_ids   int32 [B, T]  image positions hold `image_token_id`, `image_tokens` per image
+  segment_ids int32 [B, T]  1..n per sample in the row, 0 = padding
+  positions   int32 [B, T]  restart at 0 for each sample
+  loss_mask   int   [B, T]  1 where the token is a training target
+  images      float [B, M, H, W, 3] in [-1, 1]; the row's images in placeholder order, zero-filled
+The i-th image placeholder of a row takes the i-th image token of that row's images, in order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from oq2vl_jax.models.config import ModelConfig
+from oq2vl_jax.models.layers import dtype_of
+from oq2vl_jax.models.projector import MultiModalProjector
+from oq2vl_jax.models.qwen2 import Qwen2ForCausalLM
+from oq2vl_jax.models.siglip import SiglipVisionModel
+
+
+def splice_image_embeddings(input_ids, text_embeds, image_embeds, image_token_id):
+    """Replaces each row's placeholder positions, in order, by that row's image embeddings.
+
+    text_embeds [B, T, D]; image_embeds [B, M*K, D] (row b's images flattened in order).
+    """
+    is_img = input_ids == image_token_id
+    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, image_embeds.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_embeds, idx[..., None], axis=1)
+    return jnp.where(is_img[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def token_losses(logits, input_ids, loss_mask, segment_ids, cross_segment: bool):
+    """Next-token cross entropy in float32: (sum of losses, number of target tokens).
+
+    Position t predicts token t+1 where token t+1 is a target. With segment isolation a sample's
+    first token is never predicted from the previous sample (they can't see each other).
+    """
+    targets = input_ids[:, 1:]
+    weights = loss_mask[:, 1:].astype(bool)
+    if not cross_segment:
+        weights &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    w = weights.astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+class OQ2VL(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        param_dtype = dtype_of(cfg.param_dtype)
+        self.vision_tower = SiglipVisionModel(
+            cfg.vision, attn_impl=cfg.attention, dtype=dtype_of(cfg.vision_dtype), param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.multi_modal_projector = MultiModalProjector(
+            cfg.vision.hidden_size, cfg.text.hidden_size, cfg.pooled_side, cfg.projector_hidden_act,
+            dtype=dtype_of(cfg.dtype), param_dtype=param_dtype, rngs=rngs,
+        )
+        self.language_model = Qwen2ForCausalLM(
+            cfg.text, attn_impl=cfg.attention, cross_segment=cfg.cross_segment_attention,
+            max_segments=cfg.max_segments, remat=cfg.remat, dtype=dtype_of(cfg.dtype),
+            param_dtype=param_dtype, rngs=rngs,
+        )
+
+    def image_features(self, images: jax.Array) -> jax.Array:
+        """images [N, H, W, 3] -> projected image tokens [N, image_tokens, text hidden]."""
+        feats = self.vision_tower(images)
+        return self.multi_modal_projector(feats.astype(dtype_of(self.cfg.dtype)))
+
+    def embed(self, input_ids, images):
+        text = self.language_model.embed(input_ids)
+        if images is None:
+            return text
+        b, m = images.shape[:2]
+        img = self.image_features(images.reshape((b * m,) + images.shape[2:]))
+        return splice_image_embeddings(input_ids, text, img.reshape(b, -1, img.shape[-1]),
+                                       self.cfg.image_token_id)
+
+    def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
+        """Logits [B, T, vocab]."""
+        lm = self.language_model
+        return lm.logits(lm.hidden_states(self.embed(input_ids, images), positions, segment_ids))
+
+    def loss(self, batch: dict):
+        """(sum of token losses, target count) for one batch; see token_losses."""
+        logits = self(batch["input_ids"], batch.get("images"), batch["positions"], batch["segment_ids"])
+        return token_losses(logits, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
+                            self.cfg.cross_segment_attention)

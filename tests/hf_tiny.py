@@ -1,0 +1,57 @@
+"""Tiny random-weight HF torch models (built in-process, offline) and their matching configs of ours."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from oq2vl_jax.models import ModelConfig, TextConfig, VisionConfig
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              patch_size=14, image_size=56, layer_norm_eps=1e-6)
+TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6)
+IMAGE_TOKEN_ID = 100
+
+
+def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy() for k, v in module.state_dict().items()}
+
+
+def hf_siglip(act: str = "gelu_pytorch_tanh", seed: int = 0, **overrides) -> SiglipVisionModel:
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(**{**VISION, **overrides}, hidden_act=act, vision_use_head=False)
+    return SiglipVisionModel(cfg).eval()
+
+
+def hf_qwen2(tie: bool = True, kv_heads: int = 2, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**TEXT, "num_key_value_heads": kv_heads, **overrides}, tie_word_embeddings=tie)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits biases to zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def our_config(hf_vision=None, hf_text=None, image_tokens: int = 4, **overrides) -> ModelConfig:
+    """Our ModelConfig (float32 everywhere) mirroring the given HF configs."""
+    v = hf_vision.config if hf_vision is not None else SiglipVisionConfig(**VISION)
+    t = hf_text.config if hf_text is not None else Qwen2Config(**TEXT)
+    vision = VisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
+    )
+    text = TextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_parameters["rope_theta"], tie_word_embeddings=t.tie_word_embeddings,
+    )
+    kw = dict(vision=vision, text=text, image_tokens=image_tokens, image_token_id=IMAGE_TOKEN_ID,
+              dtype="float32", param_dtype="float32", vision_dtype="float32", remat="none")
+    kw.update(overrides)
+    return ModelConfig(**kw)

@@ -1,0 +1,102 @@
+"""Full-size configs build abstractly with HF's exact parameter counts; FSDP sharding on 8 devices."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_tiny import our_config
+from oq2vl_jax.models import ModelConfig, assign_params, build, build_abstract, build_sharded, count_params, flat_params
+from oq2vl_jax.models.attention import attention, make_mask, packed_seqlens_offsets
+from oq2vl_jax.sharding import make_mesh
+
+
+def _component_count(state, name):
+    return sum(int(np.prod(v.shape)) for p, v in flat_params(state).items() if p[0] == name)
+
+
+def test_full_size_parameter_counts():
+    _, state = build_abstract(ModelConfig())  # eval_shape: nothing is allocated
+    assert _component_count(state, "language_model") == 1_543_714_304  # HF Qwen2.5-1.5B
+    assert _component_count(state, "vision_tower") == 412_987_248  # HF so400m without its head
+    assert _component_count(state, "multi_modal_projector") == 4_131_840
+
+
+def test_fsdp8_shards_every_large_weight_of_full_model():
+    mesh = make_mesh(fsdp=8)
+    _, state = build_abstract(ModelConfig(), mesh)
+    for path, leaf in flat_params(state).items():
+        spec = leaf.sharding.spec
+        if np.prod(leaf.shape) >= 1_000_000:
+            assert "fsdp" in jax.tree.leaves(tuple(spec)), (path, spec)
+    specs = {p: v.sharding.spec for p, v in flat_params(state).items()}
+    lm = ("language_model", "model")
+    assert specs[lm + ("embed_tokens", "embedding")] == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert specs[lm + ("layers", 0, "self_attn", "q_proj", "kernel")] == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert specs[lm + ("layers", 0, "self_attn", "k_proj", "kernel")] == jax.sharding.PartitionSpec("fsdp", None)
+    assert specs[lm + ("layers", 0, "mlp", "down_proj", "kernel")] == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert specs[("vision_tower", "encoder", "layers", 0, "mlp", "fc1", "kernel")] == \
+        jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_sharded_forward_equals_single_device():
+    cfg = our_config(image_tokens=4)
+    rng = np.random.default_rng(0)
+    b, t = 8, 24
+    ids = rng.integers(0, 99, (b, t)).astype(np.int32)
+    ids[:, 2:6] = 100  # one image per row
+    seg = np.ones((b, t), np.int32)
+    seg[:, 14:] = 2
+    seg[:, 20:] = 0
+    pos = np.concatenate([np.arange(14), np.arange(6), np.zeros(4, int)])[None].repeat(b, 0).astype(np.int32)
+    images = rng.uniform(-1, 1, (b, 1, 56, 56, 3)).astype(np.float32)
+
+    single = build(cfg, seed=1)
+    ref = np.asarray(single(ids, images, pos, seg))
+
+    mesh = make_mesh(fsdp=8)
+    sharded = build_sharded(cfg, mesh, seed=2)
+    assign_params(sharded, {p: np.asarray(v) for p, v in flat_params(single).items()})
+    kernel = flat_params(sharded)[("language_model", "model", "layers", 0, "mlp", "gate_proj", "kernel")]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (4, 64)
+
+    from flax import nnx
+
+    from oq2vl_jax.sharding import batch_sharding, use_mesh
+
+    with use_mesh(mesh):
+        args = [jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in (ids, images, pos, seg)]
+        out = nnx.jit(lambda m, *a: m(*a))(sharded, *args)
+    assert out.sharding.shard_shape(out.shape)[0] == b // 8  # batch split over the 8 devices
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+
+
+def test_cudnn_packed_arguments():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    seqlens, offsets = packed_seqlens_offsets(seg, 4)
+    np.testing.assert_array_equal(seqlens, [[3, 2, 1, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def test_cudnn_falls_back_with_a_message_on_cpu(caplog):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.float32)
+    k = v = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), jnp.float32)
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]] * 2, jnp.int32)
+    with caplog.at_level(logging.WARNING):
+        out = attention(q, k, v, seg, causal=True, impl="cudnn")
+    assert "falling back" in caplog.text
+    np.testing.assert_array_equal(out, attention(q, k, v, seg, causal=True, impl="xla"))
+    with pytest.raises(ValueError, match="unknown attention"):
+        attention(q, k, v, seg, causal=True, impl="flash")
+
+
+def test_masks():
+    seg = jnp.array([[1, 1, 2, 0]])
+    iso = np.asarray(make_mask(seg, causal=True, cross_segment=False))[0]
+    np.testing.assert_array_equal(iso, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    cross = np.asarray(make_mask(seg, causal=True, cross_segment=True))[0]
+    np.testing.assert_array_equal(cross, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
