@@ -24,14 +24,18 @@ PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 CONFIG_FILE = "config.yaml"
 
 
-def nest(flat: Mapping[tuple, Any]) -> dict:
-    """{("a", "layers", 0, "b"): x} -> {"a": {"layers": {"0": {"b": x}}}} (string keys for Orbax)."""
+def nest(flat: Mapping[tuple, Any], str_keys: bool = True) -> dict:
+    """{("a", "layers", 0, "b"): x} -> {"a": {"layers": {"0": {"b": x}}}}.
+
+    Orbax stores int and str keys under the same names, so either form restores the other;
+    `str_keys=False` keeps list indices as ints, the form `nnx.merge` takes."""
+    key = str if str_keys else (lambda p: p)
     out: dict = {}
     for path, value in flat.items():
         node = out
         for p in path[:-1]:
-            node = node.setdefault(str(p), {})
-        node[str(path[-1])] = value
+            node = node.setdefault(key(p), {})
+        node[key(path[-1])] = value
     return out
 
 
@@ -119,3 +123,62 @@ def load_params(run_dir: str, abstract_params: Mapping, step: int | None = None)
 
 def to_numpy(nested: Mapping) -> dict:
     return jax.tree.map(np.asarray, nested)
+
+
+def save_config(run_dir: str, cfg) -> str:
+    """Writes the run `Config` as DIR/config.yaml (plain YAML, readable by config.load_config)."""
+    import yaml
+
+    from oq2vl_jax.config import to_dict
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CONFIG_FILE)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    return path
+
+
+def resolve_checkpoint_config(run_dir: str):
+    """The `Config` stored beside a checkpoint, with a relative `tokenizer` path resolved.
+
+    A converted checkpoint carries its tokenizer as DIR/tokenizer and stores the relative path
+    "tokenizer", so the directory can be moved as a whole. A relative path that does not exist under
+    DIR is left as it is (a run config written with paths relative to the launch directory).
+    """
+    import dataclasses
+
+    from oq2vl_jax.config import load_config
+
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a checkpoint directory: {CONFIG_FILE} is missing")
+    cfg = load_config(path)
+    tok = cfg.tokenizer
+    if tok and not os.path.isabs(tok) and os.path.exists(os.path.join(run_dir, tok)):
+        cfg = dataclasses.replace(cfg, tokenizer=os.path.abspath(os.path.join(run_dir, tok)))
+    return cfg
+
+
+def saved_param_shapes(run_dir: str, step: int) -> dict:
+    """The nested {name: ShapeDtypeStruct} of the params saved at `step`, read from Orbax metadata."""
+    path = os.path.join(checkpoint_dir(run_dir), str(step), PARAMS)
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def load_params_as_saved(run_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, nested params) on one local device, each with the shape and dtype it was saved with.
+
+    For readers that don't build the model (export, inspection); works whatever mesh saved it.
+    """
+    if step is None:
+        mngr = make_manager(run_dir, read_only=True)
+        step = mngr.latest_step()
+        mngr.close()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
+    if not os.path.isdir(os.path.join(checkpoint_dir(run_dir), str(step), PARAMS)):
+        raise FileNotFoundError(f"no params for step {step} under {checkpoint_dir(run_dir)}")
+    return load_params(run_dir, single_device_targets(saved_param_shapes(run_dir, step)), step=step)

@@ -74,7 +74,7 @@ class OQ2VL(nnx.Module):
 
     def embed(self, input_ids, images):
         text = self.language_model.embed(input_ids)
-        if images is None:
+        if images is None or images.shape[1] == 0:  # text-only batch
             return text
         b, m = images.shape[:2]
         img = self.image_features(images.reshape((b * m,) + images.shape[2:]))

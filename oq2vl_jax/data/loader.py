@@ -1,0 +1,230 @@
+"""Grain loaders over packed ArrayRecord rows (see records.py and pack.py).
+
+Training pipeline, per source: ArrayRecordDataSource → this process's rows (``ds[index::count]``, so
+processes never share a row) → seeded shuffle → infinite repeat (reshuffled every epoch). Sources are
+mixed by weight with ``MapDataset.mix``; everything before batching is index based, so the iterator
+state is a few integers and a restored iterator yields exactly the batches the uninterrupted one would.
+Decoding (npz + JPEG/PNG → float32 in [-1, 1]) is a Grain ``map``, run in ``num_workers`` worker
+processes via ``mp_prefetch`` (threads when num_workers=0). Keep ``num_workers`` fixed across a resume:
+each worker batches its own slice, so the batch order depends on it.
+
+Batches (B = batch_size per process, L = seq_len, M = max_images):
+  input_ids, segment_ids, positions, loss_mask: int32[B, L]
+  images float32[B, M, H, W, 3], image_mask bool[B, M], image_segment_ids int32[B, M] (0 = empty slot)
+Images fill the slots in placeholder order, so slot j feeds the j-th run of image-pad tokens of the row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+
+import numpy as np
+
+from oq2vl_jax.data.records import decode_row
+
+MODES = ("packed", "unpacked_sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    sources: tuple[tuple[str, float], ...]  # (dir | glob of *.array_record, weight)
+    batch_size: int  # rows per process
+    seq_len: int
+    max_images: int  # image slots per row
+    image_size: int
+    seed: int = 0
+    num_workers: int = 0
+    shuffle: bool = True
+    mode: str = "packed"  # "packed" | "unpacked_sft" (packed with --packing none: one conversation a row)
+    read_threads: int = 4  # per process (or per worker) decode threads
+    worker_buffer_size: int = 2  # batches buffered per worker
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"LoaderConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not self.sources:
+            raise ValueError("LoaderConfig.sources is empty")
+        for src in self.sources:
+            if len(src) != 2 or float(src[1]) < 0:
+                raise ValueError(f"each source must be (path_or_glob, weight >= 0), got {src!r}")
+
+
+def resolve_source(path: str) -> list[str]:
+    """A directory (all ``*.array_record`` inside, recursively) or a glob; sorted for determinism."""
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(path, "**", "*.array_record"), recursive=True)
+    else:
+        files = glob.glob(path)
+    files = sorted(files)
+    if not files:
+        raise FileNotFoundError(f"data source {path!r} has no .array_record files")
+    return files
+
+
+def _pack_stats(path: str) -> dict | None:
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    p = os.path.join(d, "stats.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return None
+
+
+def _check_source(cfg: LoaderConfig, path: str) -> None:
+    """Fails early with a clear message when packing settings and loader settings disagree."""
+    st = _pack_stats(path)
+    if st is None:
+        return
+    if st["seq_len"] != cfg.seq_len:
+        raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
+    if st["mode"] != "text" and st["image_size"] != cfg.image_size:
+        raise ValueError(f"{path}: images stored at {st['image_size']}px, loader image_size={cfg.image_size}")
+    if st["max_images"] > cfg.max_images:
+        raise ValueError(f"{path}: packed with up to {st['max_images']} images per row (pack --max-images), "
+                         f"loader max_images={cfg.max_images}; raise max_images or repack with a lower cap")
+    if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
+        raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
+
+
+class RowDecoder:
+    """Grain map: row record bytes → fixed-shape numpy dict (runs in worker processes)."""
+
+    def __init__(self, seq_len: int, max_images: int, image_size: int, one_sample: bool):
+        self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
+        self.one_sample = one_sample
+
+    def __call__(self, data: bytes) -> dict:
+        from PIL import Image
+
+        row = decode_row(data)
+        if len(row["input_ids"]) != self.seq_len:
+            raise ValueError(f"row has length {len(row['input_ids'])}, loader seq_len={self.seq_len}")
+        n_img = len(row["image_segment_ids"])
+        if n_img > self.max_images:
+            raise ValueError(f"row has {n_img} images but the loader has max_images={self.max_images} slots; "
+                             f"repack with --max-images {self.max_images} or raise max_images")
+        if self.one_sample and row["segment_ids"].max(initial=0) > 1:
+            raise ValueError("mode='unpacked_sft' got a row holding several samples; pack with --packing none")
+        s = self.image_size
+        images = np.zeros((self.max_images, s, s, 3), np.float32)
+        offsets = row["image_offsets"]
+        blob = row["image_bytes"].tobytes()
+        for i in range(n_img):
+            with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
+                px = np.asarray(im.convert("RGB"), dtype=np.float32)
+            if px.shape != (s, s, 3):
+                raise ValueError(f"stored image {i} is {px.shape[:2]}, loader image_size={s}")
+            images[i] = px * (2.0 / 255.0) - 1.0  # (x/255 - 0.5) / 0.5
+        image_seg = np.zeros(self.max_images, np.int32)
+        image_seg[:n_img] = row["image_segment_ids"]
+        return {
+            "input_ids": row["input_ids"], "segment_ids": row["segment_ids"], "positions": row["positions"],
+            "loss_mask": row["loss_mask"].astype(np.int32), "images": images,
+            "image_mask": np.arange(self.max_images) < n_img, "image_segment_ids": image_seg,
+        }
+
+    def empty(self, pad_id: int = 0) -> dict:
+        """An all-padding row (loss_mask 0) used to fill the last eval batches to a fixed shape."""
+        s, m = self.image_size, self.max_images
+        z = np.zeros(self.seq_len, np.int32)
+        return {"input_ids": z + pad_id, "segment_ids": z, "positions": z, "loss_mask": z,
+                "images": np.zeros((m, s, s, 3), np.float32), "image_mask": np.zeros(m, bool),
+                "image_segment_ids": np.zeros(m, np.int32)}
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _source(path: str, process_index: int, process_count: int):
+    import grain
+
+    files = resolve_source(path)
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    n = len(ds)
+    ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"data source {path!r} has {n} rows, too few for {process_count} processes")
+    return ds
+
+
+def _finish(cfg: LoaderConfig, ds, drop_remainder: bool):
+    import grain
+
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=max(2 * cfg.batch_size, 8)))
+    ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        # Grain's worker processes read absl flags; outside absl.app nothing parses them, and
+        # mp_prefetch then fails with UnparsedFlagAccessError. Defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+    return iter(ds)
+
+
+def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=None):
+    """The infinite, mixed, shuffled, decoded (unbatched) ``grain.MapDataset`` of rows."""
+    import grain
+
+    pi, pc = _process(process_index, process_count)
+    parts, weights = [], []
+    for k, (path, weight) in enumerate(cfg.sources):
+        if float(weight) == 0:
+            continue
+        _check_source(cfg, path)
+        ds = _source(path, pi, pc)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + k) % 2**32)  # distinct stream per source
+        parts.append(ds.repeat(None))
+        weights.append(float(weight))
+    if not parts:
+        raise ValueError("all sources have weight 0")
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft"))
+
+
+def make_train_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None):
+    """Infinite iterator of fixed-shape batches; a ``grain.DatasetIterator`` (get_state / set_state)."""
+    ds = make_train_dataset(cfg, process_index=process_index, process_count=process_count)
+    return _finish(cfg, ds, drop_remainder=True)
+
+
+def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None, pad_id: int = 0):
+    """One pass over all sources in order (weights ignored), no shuffle, no repeat.
+
+    Every process yields the same number of batches (ceil(rows / processes / batch_size)); the tail is
+    filled with all-padding rows (loss_mask 0, image_mask False), so multi-host eval steps stay in lockstep.
+    """
+    import grain
+
+    pi, pc = _process(process_index, process_count)
+    parts = []
+    for path, _ in cfg.sources:
+        _check_source(cfg, path)
+        parts.append(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(resolve_source(path))))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    total = len(ds)
+    per_process = -(-total // pc)
+    n_batches = -(-per_process // cfg.batch_size)
+    decoder = RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft")
+    mine = ds[pi::pc]
+    empty = decoder.empty(pad_id)
+
+    def get(i):
+        return decoder(mine[i]) if i < len(mine) else empty
+
+    padded = grain.MapDataset.range(n_batches * cfg.batch_size).map(get)
+    return _finish(cfg, padded, drop_remainder=True)

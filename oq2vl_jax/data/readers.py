@@ -1,0 +1,186 @@
+"""Input readers for the packer: WebDataset tars, LLaVA SFT json/jsonl, text jsonl/txt, image prep.
+
+Readers never raise on bad content. They return what could be read, plus a shard-level error message
+(truncated or garbage tar, unparsable json file). Per-sample problems surface later as ``SampleError``.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+
+from oq2vl_jax.data.samples import SampleError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``{00000..00099}`` (zero padding kept) and ``{a,b}``; nests."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.group(1), rng.group(2)
+        width = len(a) if a.startswith("0") and len(a) > 1 else 0
+        step = 1 if int(b) >= int(a) else -1
+        options = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        options = body.split(",")
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def resolve_inputs(patterns: list[str]) -> list[str]:
+    """Brace-expands then globs each pattern; keeps the given order, drops duplicates."""
+    out, seen = [], set()
+    for pattern in patterns:
+        hits = []
+        for p in expand_braces(pattern):
+            hits.extend(sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else []))
+        if not hits:
+            raise FileNotFoundError(f"--input pattern matched no file: {pattern!r}")
+        for h in hits:
+            if h not in seen:
+                seen.add(h)
+                out.append(h)
+    return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # WebDataset convention: key = path up to the first dot of the basename, extension = the rest.
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(d, stem) if d else stem, ext.lower()
+
+
+def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
+    """Reads a WebDataset tar into [(key, {ext: bytes})] in first-appearance order.
+
+    On a read error (truncated or not a tar) returns the members read so far and the error text.
+    """
+    groups: dict[str, dict[str, bytes]] = {}
+    error = None
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, ext = _split_key(member.name)
+                if not ext or os.path.basename(key).startswith((".", "_")):
+                    continue
+                f = tf.extractfile(member)
+                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    return list(groups.items()), error
+
+
+def caption_from_files(files: dict[str, bytes]) -> tuple[bytes, str]:
+    """Picks (image bytes, caption) from one WebDataset sample, or raises SampleError."""
+    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    if image is None:
+        raise SampleError("missing_image")
+    if "txt" in files:
+        raw = files["txt"]
+    elif "json" in files:
+        meta = _json_or_error(files["json"])
+        cap = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+        if cap is None:
+            raise SampleError("missing_caption")
+        if not isinstance(cap, str):
+            raise SampleError("bad_json", "caption is not a string")
+        return image, cap
+    else:
+        raise SampleError("missing_caption")
+    return image, _utf8(raw)
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError("bad_utf8", str(e)) from None
+
+
+def _json_or_error(raw: bytes):
+    try:
+        return json.loads(_utf8(raw))
+    except json.JSONDecodeError as e:
+        raise SampleError("bad_json", str(e)) from None
+
+
+def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
+    """Reads a .json list or a .jsonl file: [(key, entry | SampleError)]. Keys are ``file:index``."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return [], f"{type(e).__name__}: {e}"
+    if path.endswith(".jsonl"):
+        out = []
+        for i, line in enumerate(l for l in data.split(b"\n") if l.strip()):
+            try:
+                out.append((f"{name}:{i}", _json_or_error(line)))
+            except SampleError as e:
+                out.append((f"{name}:{i}", e))
+        return out, None
+    try:
+        entries = _json_or_error(data)
+    except SampleError as e:
+        return [], f"unreadable json file: {e}"
+    if not isinstance(entries, list):
+        return [], "json file is not a list of samples"
+    return [(f"{name}:{i}", e) for i, e in enumerate(entries)], None
+
+
+def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, object]], str | None]:
+    """Text mode: .jsonl (one {text_key: str} per line) or .txt (one document per non-empty line)."""
+    if path.endswith(".jsonl"):
+        records, err = read_json_records(path)
+        out = []
+        for key, r in records:
+            if isinstance(r, SampleError):
+                out.append((key, r))
+            elif not isinstance(r, dict) or not isinstance(r.get(text_key), str):
+                out.append((key, SampleError("empty_text", f"no string field {text_key!r}")))
+            else:
+                out.append((key, r[text_key]))
+        return out, err
+    try:
+        with open(path, "rb") as f:
+            lines = [l for l in f.read().split(b"\n") if l.strip()]
+    except OSError as e:
+        return [], f"{type(e).__name__}: {e}"
+    name = os.path.basename(path)
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((f"{name}:{i}", _utf8(line)))
+        except SampleError as e:
+            out.append((f"{name}:{i}", e))
+    return out, None
+
+
+def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """Decodes, converts to RGB, squashes to size×size (PIL bicubic, spec §1 'resize-naive'), re-encodes."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    out = io.BytesIO()
+    if fmt == "jpeg":
+        im.save(out, format="JPEG", quality=quality, subsampling=0)
+    elif fmt == "png":
+        im.save(out, format="PNG", compress_level=1)
+    else:
+        raise ValueError(f"image format must be jpeg or png, got {fmt!r}")
+    return out.getvalue()

@@ -1,0 +1,153 @@
+"""Builds one training sample's token ids and loss mask (caption, SFT conversation, plain text).
+
+Layout rules (spec §3-4), with each image expanded at pack time into ``image_tokens`` copies of the
+``<|image_pad|>`` id so that a sample's length is its true multimodal length:
+
+* caption: ``[<s>] + K×img + tok("\\n" + caption) + [<|im_end|>]``; literal ``<image>`` inside a caption
+  becomes ``<image-placeholder>``. Loss on every text token (incl. ``<s>`` and ``<|im_end|>``).
+* SFT: ChatML by default, or the original's quirky builder (``template="original"``). Loss only on
+  assistant turns, incl. their ``<|im_end|>`` and trailing ``"\\n"``. ``<image>`` marks image slots.
+* text: ``[<s>] + tok(doc) + [<|im_end|>]``, loss on all.
+
+``loss_mask[t] = 1`` means token ``t`` is a prediction target (the trainer applies it to the label side
+of its shifted cross-entropy). Image slots and padding are never targets.
+
+Not reproduced: the original's ``tokenizer_image_token`` offset bug (spec §3), which drops the first
+token after each ``<image>`` in SFT; we keep that token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from oq2vl_jax.data.tokenizer import IMAGE_TAG, special_ids
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+SFT_TEMPLATES = ("chatml", "original")
+_USER_ROLES = ("human", "user")
+_ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is the short key counted in stats.json."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Tokens:
+    input_ids: np.ndarray  # int32[n], images already expanded
+    loss_mask: np.ndarray  # uint8[n]
+    num_images: int
+
+
+class SampleBuilder:
+    """Turns text into ``Tokens`` with a prepared tokenizer (see tokenizer.load_tokenizer)."""
+
+    def __init__(self, tokenizer, image_tokens: int, sft_template: str = "chatml"):
+        if image_tokens < 1:
+            raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
+        if sft_template not in SFT_TEMPLATES:
+            raise ValueError(f"sft_template must be one of {SFT_TEMPLATES}, got {sft_template!r}")
+        self.tok = tokenizer
+        self.ids = special_ids(tokenizer)
+        self.image_tokens = image_tokens
+        self.sft_template = sft_template
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        # A literal "<|image_pad|>" in data would be parsed as the special token and break the
+        # image-slot ↔ image correspondence, so such samples are refused.
+        if self.ids.image in ids:
+            raise SampleError("image_token_in_text", "text contains the literal image pad token")
+        return ids
+
+    def _encode_with_images(self, text: str) -> tuple[list[int], int]:
+        """Tokenizes ``text``, replacing each ``<image>`` by K image-pad ids (text chunks separately)."""
+        chunks = text.split(IMAGE_TAG)
+        out: list[int] = []
+        for i, chunk in enumerate(chunks):
+            if i:
+                out.extend([self.ids.image] * self.image_tokens)
+            out.extend(self._encode_text(chunk))
+        return out, len(chunks) - 1
+
+    @staticmethod
+    def _finish(pieces: list[tuple[list[int], int]], num_images: int) -> Tokens:
+        ids = np.fromiter((t for p, _ in pieces for t in p), dtype=np.int32)
+        mask = np.concatenate([np.full(len(p), m, np.uint8) for p, m in pieces])
+        return Tokens(ids, mask, num_images)
+
+    # -- sample kinds -----------------------------------------------------------------------------
+    def caption(self, caption: str) -> Tokens:
+        if caption is None or not caption.strip():
+            raise SampleError("empty_caption")
+        body = self._encode_text("\n" + caption.replace(IMAGE_TAG, "<image-placeholder>"))
+        ids = [self.ids.bos] + [self.ids.image] * self.image_tokens + body + [self.ids.eos]
+        mask = np.ones(len(ids), np.uint8)
+        mask[1:1 + self.image_tokens] = 0
+        return Tokens(np.asarray(ids, np.int32), mask, 1)
+
+    def text(self, doc: str) -> Tokens:
+        if doc is None or not doc.strip():
+            raise SampleError("empty_text")
+        ids = [self.ids.bos] + self._encode_text(doc) + [self.ids.eos]
+        return Tokens(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), 0)
+
+    def conversation(self, turns: list[dict]) -> Tokens:
+        """LLaVA ``conversations`` ([{"from": "human"|"gpt", "value": str}, ...]) → tokens."""
+        if not isinstance(turns, list) or not turns:
+            raise SampleError("empty_text", "no conversation turns")
+        system = DEFAULT_SYSTEM
+        if isinstance(turns[0], dict) and turns[0].get("from") == "system":
+            system, turns = str(turns[0].get("value", "")).strip(), turns[1:]
+        msgs = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise SampleError("bad_conversation", f"turn {i} is not {{'from', 'value': str}}")
+            role = turn.get("from")
+            want = _USER_ROLES if i % 2 == 0 else _ASSISTANT_ROLES
+            # The original decides roles by parity only; the ChatML path refuses inconsistent data.
+            if self.sft_template == "chatml" and role not in want:
+                raise SampleError("bad_conversation", f"turn {i} has role {role!r}, expected {want}")
+            msgs.append(turn["value"].strip())
+        if len(msgs) < 2:
+            raise SampleError("no_assistant_turn")
+        if not any(m for m in msgs[1::2]):
+            raise SampleError("empty_text", "all assistant turns are empty")
+
+        if self.sft_template == "chatml":
+            texts = [(f"<|im_start|>system\n{system}<|im_end|>\n", 0)]
+            for i, m in enumerate(msgs):
+                texts.append((f"<|im_start|>user\n{m}<|im_end|>\n<|im_start|>assistant\n", 0) if i % 2 == 0
+                             else (f"{m}<|im_end|>\n", 1))
+        else:  # the original Qwen2PromptBuilder, quirks included (spec §4)
+            texts = []
+            for i, m in enumerate(msgs):
+                if i % 2 == 0:
+                    head = f"<s><|im_start|>system\n{system}<|im_end|>\n" if i == 0 else ""
+                    texts.append((f"{head}<|im_start|>user\n{m}<|im_end|>assistant\n", 0))
+                else:
+                    texts.append((f"{m}<|im_end|>\n", 1))
+        pieces, n_img = [], 0
+        for text, m in texts:
+            ids, k = self._encode_with_images(text)
+            n_img += k
+            pieces.append((ids, m))
+        out = self._finish(pieces, n_img)
+        out.loss_mask[out.input_ids == self.ids.image] = 0
+        return out
+
+
+def count_image_tags(turns) -> int:
+    if not isinstance(turns, list):
+        return 0
+    return sum(len(re.findall(re.escape(IMAGE_TAG), str(t.get("value", "")))) for t in turns
+               if isinstance(t, dict))

@@ -1,0 +1,50 @@
+"""Model FLOPs of one training step, for MFU. The formula (what bench/ and the logs report):
+
+  LLM      6 * N_llm * tokens          N_llm = matmul parameters of the decoder incl. the LM head
+                                       (the input embedding lookup is not a matmul)
+         + 3 * 2 * 2 * layers * heads * head_dim * T^2 / 2 per row
+                                       causal attention (QK^T and PV), counted once over the whole
+                                       row of length T, forward + backward = 3x forward
+  vision   2 * N_vit * patches per image + 2 * 2 * layers * P^2 * hidden per image
+                                       forward only when the tower is frozen (x3 if trained), only
+                                       the layers that are run
+  projector 2 * N_proj * patches or pooled tokens, x3 (it trains)
+
+Counting attention over the whole row (not per packed sample) makes figures comparable with a
+baseline that runs plain causal attention over the row.
+"""
+
+from __future__ import annotations
+
+from oq2vl_jax.models.config import ModelConfig
+
+
+def llm_matmul_params(cfg: ModelConfig) -> int:
+    t = cfg.text
+    hd = t.head_size
+    attn = t.hidden_size * hd * (t.num_attention_heads * 2 + t.num_key_value_heads * 2)
+    mlp = 3 * t.hidden_size * t.intermediate_size
+    return t.num_hidden_layers * (attn + mlp) + t.hidden_size * t.vocab_size
+
+
+def vision_forward_flops_per_image(cfg: ModelConfig) -> float:
+    v = cfg.vision
+    layers = v.num_layers_run()
+    p = v.num_patches
+    per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    patch = v.num_channels * v.patch_size**2 * v.hidden_size
+    return 2.0 * p * (layers * per_layer + patch) + 4.0 * layers * p * p * v.hidden_size
+
+
+def projector_flops_per_image(cfg: ModelConfig) -> float:
+    d_v, d_t = cfg.vision.hidden_size, cfg.text.hidden_size
+    return 2.0 * cfg.image_tokens * (d_v * d_t + d_t * d_t)
+
+
+def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vision_trained: bool = False) -> float:
+    t = cfg.text
+    llm = 6.0 * llm_matmul_params(cfg) * rows * seq_len
+    attn = 3.0 * 2.0 * t.num_hidden_layers * t.num_attention_heads * t.head_size * seq_len**2 * rows
+    vision = vision_forward_flops_per_image(cfg) * images * (3.0 if vision_trained else 1.0)
+    proj = 3.0 * projector_flops_per_image(cfg) * images
+    return llm + attn + vision + proj

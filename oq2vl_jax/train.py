@@ -1,0 +1,284 @@
+"""The main job: `python -m oq2vl_jax.train --config configs/NAME.yaml [--workdir DIR] [--set k=v ...]`.
+
+Builds the mesh and the sharded train state (random init, a converted checkpoint via
+`train.init_from`, or the latest complete checkpoint in WORKDIR, which always wins: resuming is
+automatic), then runs the jitted step over Grain batches, logging, evaluating and checkpointing
+(params, optimiser state, step and data-iterator position together). SIGTERM saves and exits cleanly;
+a non-finite loss stops the run naming the step, leaving the last good checkpoint intact.
+
+Multi-host: each process runs this same command; `jax.distributed.initialize()` is called when
+SLURM (several tasks) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from oq2vl_jax import checkpoint as ckpt
+from oq2vl_jax.config import Config, ConfigError, load_config, to_dict
+from oq2vl_jax.flops import train_step_flops
+from oq2vl_jax.metrics import MetricsLogger
+from oq2vl_jax.models import build_abstract, build_sharded, flat_params
+from oq2vl_jax.sharding import make_mesh, use_mesh
+from oq2vl_jax.train_step import (all_params, batch_shardings, make_steps, optimizer, split_params,
+                                  state_shardings)
+
+log = logging.getLogger("oq2vl_jax.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def init_distributed() -> None:
+    """Joins a multi-process run when the environment describes one; a no-op otherwise."""
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not (explicit or slurm):
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU needs a collectives backend
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=explicit,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()  # SLURM: coordinator, process count and id from the environment
+
+
+def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
+    from oq2vl_jax.data.loader import LoaderConfig
+
+    return LoaderConfig(
+        sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
+        max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
+        num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode,
+    )
+
+
+MODEL_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "images")
+
+
+def to_global(local: dict, shardings: dict, micro: int | None) -> dict:
+    """Per-process numpy batch -> global jax arrays; with `micro`, rows are split into micro-batches."""
+    out = {}
+    n_proc = jax.process_count()
+    for k in MODEL_BATCH_KEYS:
+        x = np.asarray(local[k])
+        if micro is not None:
+            x = x.reshape((micro, x.shape[0] // micro) + x.shape[1:])
+            global_shape = (micro, x.shape[1] * n_proc) + x.shape[2:]
+        else:
+            global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], x, global_shape)
+    return out
+
+
+class Trainer:
+    """Owns the mesh, the jitted steps, the state and the checkpoint manager of one run."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        self.cfg, self.workdir = cfg, workdir
+        d = cfg.data
+        n_proc = jax.process_count()
+        if d.global_batch_size % (cfg.train.micro_batches * n_proc):
+            raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
+                              f"train.micro_batches x processes = {cfg.train.micro_batches} x {n_proc}")
+        self.rows_per_process = d.global_batch_size // n_proc
+        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        rows_per_micro = d.global_batch_size // cfg.train.micro_batches
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if rows_per_micro % shards:
+            raise ConfigError(f"{rows_per_micro} rows per micro-batch do not split over data x fsdp = {shards} devices")
+
+        self.graphdef, abstract = build_abstract(cfg.model, self.mesh)
+        abs_flat = flat_params(abstract)
+        self.param_shardings = {p: a.sharding for p, a in abs_flat.items()}
+        abs_train, abs_frozen = split_params(abs_flat, cfg)
+        self.tx = optimizer(cfg, abs_train)
+        abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_train, "frozen": abs_frozen,
+                     "opt_state": jax.eval_shape(self.tx.init, abs_train)}
+        self.shardings = state_shardings(abs_state, self.param_shardings, self.tx, self.mesh)
+        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abs_state, self.shardings)
+
+        train_step, eval_step = make_steps(self.graphdef, cfg, self.tx)
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.train_step = jax.jit(train_step, in_shardings=(self.shardings, None),
+                                  out_shardings=(self.shardings, rep), donate_argnums=(0,))
+        self.eval_step = jax.jit(eval_step, in_shardings=(self.shardings, None), out_shardings=rep)
+        self.mngr = ckpt.make_manager(workdir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
+                                      async_save=cfg.train.async_checkpointing)
+
+    # ----- state -----------------------------------------------------------------------------------
+    def _abstract_params(self) -> dict:
+        return ckpt.nest(flat_params(self.abstract_state["params"]) | flat_params(self.abstract_state["frozen"])
+                         if False else {**ckpt.flatten(self.abstract_state["params"]),
+                                        **ckpt.flatten(self.abstract_state["frozen"])}, str_keys=False)
+
+    def _with_fresh_opt(self, flat: dict) -> dict:
+        train, frozen = split_params(flat, self.cfg)
+        with use_mesh(self.mesh):
+            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(train)
+        return {"step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt_state": opt_state}
+
+    def initial_state(self, data_iter) -> tuple[dict, int]:
+        """(state, step): the latest checkpoint in the workdir, else init_from, else random."""
+        step = self.mngr.latest_step()
+        if step is not None:
+            got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
+                               opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
+            train, frozen = split_params(ckpt.flatten(got[ckpt.PARAMS]), self.cfg)
+            state = {"step": jax.device_put(jnp.int32(step), self.shardings["step"]), "params": train,
+                     "frozen": frozen, "opt_state": got[ckpt.OPT_STATE]}
+            log.info("resumed from %s at step %d", ckpt.checkpoint_dir(self.workdir), step)
+            return state, step
+        if self.cfg.train.init_from:
+            src_step, params = ckpt.load_params(self.cfg.train.init_from, self._abstract_params())
+            log.info("initialised from %s (step %d)", self.cfg.train.init_from, src_step)
+            return self._with_fresh_opt(ckpt.flatten(params)), 0
+        model = build_sharded(self.cfg.model, self.mesh, seed=self.cfg.train.seed)
+        return self._with_fresh_opt(flat_params(model)), 0
+
+    def save(self, state: dict, step: int, data_iter) -> None:
+        meta = {"step": step, "seed": self.cfg.train.seed}
+        ckpt.save(self.mngr, step, params=all_params(state), opt_state=state["opt_state"], meta=meta,
+                  data_iter=data_iter)
+
+    # ----- eval ------------------------------------------------------------------------------------
+    def evaluate(self, state: dict) -> dict:
+        from oq2vl_jax.data.loader import make_eval_iterator
+
+        cfg = self.cfg
+        rows = self.rows_per_process // cfg.train.micro_batches
+        it = make_eval_iterator(loader_config(cfg, rows, [(cfg.data.eval_source, 1.0)], shuffle=False))
+        example = None
+        total, count = 0.0, 0.0
+        for i, local in enumerate(it):
+            if i >= cfg.train.eval_batches:
+                break
+            if example is None:
+                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}, False)
+            out = jax.device_get(self.eval_step(state, to_global(local, example, None)))
+            total, count = total + float(out["loss_sum"]), count + float(out["target_tokens"])
+        return {"loss": total / max(count, 1.0), "target_tokens": count}
+
+
+def run(cfg: Config, workdir: str) -> dict:
+    """Trains to cfg.train.steps (or until SIGTERM); returns the last logged metrics."""
+    from oq2vl_jax.data.loader import make_train_iterator
+
+    os.makedirs(workdir, exist_ok=True)
+    main_process = jax.process_index() == 0
+    if main_process:
+        with open(os.path.join(workdir, ckpt.CONFIG_FILE), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: nothing to train on")
+
+    trainer = Trainer(cfg, workdir)
+    sources = [(s.path, s.weight) for s in cfg.data.sources]
+    data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process, sources, shuffle=True))
+    state, step = trainer.initial_state(data_iter)
+    total_steps = cfg.train.steps
+    logger = MetricsLogger(workdir, total_steps, step, enabled=main_process)
+
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):
+        stop["signal"] = signum  # finish the step in flight, save, exit
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    n_dev = jax.device_count()
+    shardings = None
+    last, window_tokens, window_flops, window_start = {}, 0.0, 0.0, time.perf_counter()
+
+    def check(step_done: int, metrics: dict) -> dict:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(host["loss"]) or not np.isfinite(host["grad_norm"]):
+            raise NonFiniteLoss(f"non-finite loss {host['loss']} (grad norm {host['grad_norm']}) at step "
+                                f"{step_done}; the last good checkpoint is step {trainer.mngr.latest_step()}")
+        return host
+
+    try:
+        while step < total_steps:
+            local = next(data_iter)
+            if shardings is None:
+                example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
+                example = {k: v.reshape((cfg.train.micro_batches, -1) + v.shape[1:]) for k, v in example.items()}
+                shardings = batch_shardings(trainer.mesh, example, True)
+            batch = to_global(local, shardings, cfg.train.micro_batches)
+            n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            # Every step's loss is checked before anything is saved after it (one host sync per step).
+            host = check(step, metrics)
+            logger.advance()
+            window_tokens += host["tokens"]
+            window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                host["tokens_per_s"] = window_tokens / elapsed
+                host["mfu"] = window_flops / elapsed / (n_dev * cfg.train.peak_tflops * 1e12)
+                logger.log(step, host)
+                last = host
+                window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+            if cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0:
+                logger.log(step, trainer.evaluate(state), prefix="eval_")
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop["signal"]:
+                trainer.save(state, step, data_iter)
+            if stop["signal"]:
+                log.warning("signal %d: saved step %d, exiting", stop["signal"], step)
+                break
+    finally:
+        trainer.mngr.wait_until_finished()
+        trainer.mngr.close()
+        logger.close()
+        signal.signal(signal.SIGTERM, previous)
+    return last
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m oq2vl_jax.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", action="extend",
+                   help="config overrides, e.g. --set optim.lr=3e-5 train.steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    init_distributed()
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    try:
+        run(cfg, workdir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
