@@ -56,7 +56,10 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int | None = None,
-                 async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+                 async_save: bool = True, read_only: bool = False,
+                 save_concurrent_gb: int | None = None) -> ocp.CheckpointManager:
+    """`save_concurrent_gb` bounds the params bytes Orbax serialises at once (its default, 96 GB, lets
+    a host-memory save hold a copy of everything in flight); only for managers that save params alone."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last or None,
         keep_period=keep_every or None,
@@ -64,7 +67,10 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+    handlers = None
+    if save_concurrent_gb is not None:
+        handlers = {PARAMS: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)}
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state=None, meta: dict | None = None,

@@ -58,6 +58,11 @@ def _check_value(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
         return tuple(_check_value(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -177,16 +177,15 @@ class Generator:
         self.cfg = model.cfg
         self.pad_id, self.stop_ids = int(pad_id), tuple(sorted({int(i) for i in stop_ids}))
         self.vocab_limit, self.pad_multiple = vocab_limit, pad_multiple
-        self.dtype = model.language_model.model.embed_tokens.dtype
         self.stats = Stats()
         self._compiled: dict = {}
 
     def _run(self, fn: Callable, static: dict, *args):
         """fn(model, *args, **static), compiled ahead of time once per argument shapes (so compile
         time is kept out of the throughput numbers)."""
-        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), args)
-        key = (fn.__name__, tuple(sorted(static.items())), str(jax.tree.structure(args)),
-               tuple(jax.tree.leaves(shapes)))
+        leaves, treedef = jax.tree.flatten(args)
+        key = (fn.__name__, tuple(sorted(static.items())), treedef,
+               tuple((a.shape, str(a.dtype)) for a in leaves))
         if key not in self._compiled:
             graphdef = self.graphdef
 
@@ -204,8 +203,9 @@ class Generator:
 
         Prompts run in chunks of batch_size rows (the last chunk is filled with empty rows so all
         chunks share one shape). Sampling draws from PRNG key (seed, chunk index)."""
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+                             f"{max_new_tokens}, {temperature}, {top_p}")
         self._check(prompts)
         batch_size = max(1, min(batch_size, len(prompts)))
         results: list[list[int]] = []
@@ -242,6 +242,8 @@ class Generator:
             raise ValueError("no prompts")
         k, img_id = self.cfg.image_tokens, self.cfg.image_token_id
         for i, p in enumerate(prompts):
+            if not len(p.ids):
+                raise ValueError(f"prompt {i} is empty")
             slots = int(np.sum(np.asarray(p.ids) == img_id))
             n = 0 if p.images is None else len(p.images)
             if slots != n * k:
@@ -383,25 +385,14 @@ def generate(model, tokenizer, requests: Sequence, *, fmt: str = "caption", syst
 # Checkpoints and the CLI
 # ---------------------------------------------------------------------------------------------
 
-def resolve_tokenizer_path(run_dir: str, path: str | None) -> str:
-    """A config's tokenizer path; a relative one is looked up in the checkpoint directory first,
-    then in the working directory."""
-    if not path:
-        raise ValueError(f"{os.path.join(run_dir, 'config.yaml')} names no tokenizer; pass --tokenizer")
-    if os.path.isabs(path):
-        return path
-    in_run = os.path.join(run_dir, path)
-    return in_run if os.path.isdir(in_run) or not os.path.isdir(path) else path
-
-
 def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None = None):
     """(model, run Config, step) from DIR/config.yaml and DIR/checkpoints/<step>/params (latest by
-    default), on one device, without a random initialisation. dtype overrides the compute dtype."""
+    default), on one device, without a random initialisation. dtype overrides the compute dtype.
+    The Config's relative tokenizer path is resolved against DIR when it exists there."""
     from oq2vl_jax import checkpoint
-    from oq2vl_jax.config import load_config
     from oq2vl_jax.models import build_abstract, flat_params
 
-    cfg = load_config(os.path.join(run_dir, checkpoint.CONFIG_FILE))
+    cfg = checkpoint.resolve_checkpoint_config(run_dir)
     # Inference: no activation checkpointing; the cached decode uses XLA attention regardless.
     overrides = dict(remat="none")
     if dtype:
@@ -458,7 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or resolve_tokenizer_path(args.checkpoint, cfg.tokenizer))
+    tok_path = args.tokenizer or cfg.tokenizer
+    if not tok_path:
+        p.error(f"{args.checkpoint}/config.yaml names no tokenizer; pass --tokenizer")
+    tokenizer = load_tokenizer(tok_path)
     print(f"loaded {args.checkpoint} step {step} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0]}",
           file=sys.stderr)
     stats = Stats()

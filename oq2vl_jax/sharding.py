@@ -48,6 +48,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
+    if -1 not in [data, fsdp, tensor] and int(np.prod(shape)) < len(devices) and jax.process_count() == 1:
+        devices = devices[: int(np.prod(shape))]  # an explicit smaller mesh on one host: use a subset
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
     # Auto axes: sharding propagates from the parameter and batch annotations (GSPMD style).

@@ -58,6 +58,20 @@ def init_distributed() -> None:
         jax.distributed.initialize()  # SLURM: coordinator, process count and id from the environment
 
 
+def check_tokenizer(cfg: Config) -> None:
+    """The model's image placeholder id must be the tokenizer's `<|image_pad|>` the data was packed with."""
+    if not cfg.tokenizer:
+        return
+    from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
+
+    ids = special_ids(load_tokenizer(cfg.tokenizer))
+    if ids.image != cfg.model.image_token_id:
+        raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer {cfg.tokenizer!r} "
+                          f"has <|image_pad|> = {ids.image}")
+    if ids.vocab_len > cfg.model.text.vocab_size:
+        raise ConfigError(f"model.text.vocab_size={cfg.model.text.vocab_size} < tokenizer size {ids.vocab_len}")
+
+
 def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
     from oq2vl_jax.data.loader import LoaderConfig
 
@@ -124,9 +138,8 @@ class Trainer:
 
     # ----- state -----------------------------------------------------------------------------------
     def _abstract_params(self) -> dict:
-        return ckpt.nest(flat_params(self.abstract_state["params"]) | flat_params(self.abstract_state["frozen"])
-                         if False else {**ckpt.flatten(self.abstract_state["params"]),
-                                        **ckpt.flatten(self.abstract_state["frozen"])}, str_keys=False)
+        """Restore target for the `params` item: all parameters, with their shardings."""
+        return all_params(self.abstract_state)
 
     def _with_fresh_opt(self, flat: dict) -> dict:
         train, frozen = split_params(flat, self.cfg)
@@ -176,8 +189,9 @@ class Trainer:
         return {"loss": total / max(count, 1.0), "target_tokens": count}
 
 
-def run(cfg: Config, workdir: str) -> dict:
-    """Trains to cfg.train.steps (or until SIGTERM); returns the last logged metrics."""
+def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
+    """Trains to cfg.train.steps (or until SIGTERM, or `stop_at` steps for a time-boxed job: saves and
+    returns there, the schedule unchanged); returns the last logged metrics."""
     from oq2vl_jax.data.loader import make_train_iterator
 
     os.makedirs(workdir, exist_ok=True)
@@ -187,6 +201,7 @@ def run(cfg: Config, workdir: str) -> dict:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: nothing to train on")
+    check_tokenizer(cfg)
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
@@ -237,10 +252,12 @@ def run(cfg: Config, workdir: str) -> dict:
                 window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
             if cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0:
                 logger.log(step, trainer.evaluate(state), prefix="eval_")
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop["signal"]:
+            halt = stop["signal"] or step == stop_at
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps or halt:
                 trainer.save(state, step, data_iter)
-            if stop["signal"]:
-                log.warning("signal %d: saved step %d, exiting", stop["signal"], step)
+            if halt:
+                log.warning("stopping at step %d (%s), checkpoint saved", step,
+                            f"signal {stop['signal']}" if stop["signal"] else "stop_at")
                 break
     finally:
         trainer.mngr.wait_until_finished()
@@ -254,13 +271,21 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m oq2vl_jax.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="save and exit after this many steps (time-boxed jobs); resume later")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", action="extend",
                    help="config overrides, e.g. --set optim.lr=3e-5 train.steps=100")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own handler: absl (pulled in by orbax/grain) may have claimed the root logger already.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg_log = logging.getLogger("oq2vl_jax")
+    pkg_log.addHandler(handler)
+    pkg_log.setLevel(logging.INFO)
+    pkg_log.propagate = False
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -270,7 +295,7 @@ def main(argv=None) -> int:
     init_distributed()
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     try:
-        run(cfg, workdir)
+        run(cfg, workdir, stop_at=args.stop_at)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

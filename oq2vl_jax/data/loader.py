@@ -1,8 +1,10 @@
 """Grain loaders over packed ArrayRecord rows (see records.py and pack.py).
 
-Training pipeline, per source: ArrayRecordDataSource → this process's rows (``ds[index::count]``, so
-processes never share a row) → seeded shuffle → infinite repeat (reshuffled every epoch). Sources are
-mixed by weight with ``MapDataset.mix``; everything before batching is index based, so the iterator
+Training pipeline, per source: ArrayRecordDataSource → seeded shuffle → infinite repeat (reshuffled
+every epoch). Sources are mixed by weight with ``MapDataset.mix`` into one global row stream, the same
+on every process; process p of P takes part p of each block of batch_size * P rows, so processes never
+share a row and the global batch is the same whatever P is (a run on 2 hosts of 4 devices sees exactly
+the batches of a run on 1 host of 8). Everything before batching is index based, so the iterator
 state is a few integers and a restored iterator yields exactly the batches the uninterrupted one would.
 Decoding (npz + JPEG/PNG → float32 in [-1, 1]) is a Grain ``map``, run in ``num_workers`` worker
 processes via ``mp_prefetch`` (threads when num_workers=0). Keep ``num_workers`` fixed across a resume:
@@ -145,16 +147,30 @@ def _process(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
-def _source(path: str, process_index: int, process_count: int):
+def _source(path: str):
     import grain
 
-    files = resolve_source(path)
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
-    n = len(ds)
-    ds = ds[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"data source {path!r} has {n} rows, too few for {process_count} processes")
-    return ds
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(resolve_source(path)))
+
+
+class _ProcessRows:
+    """Global row index of this process's j-th row: global batches are consecutive blocks of
+    batch_size * process_count rows, and process p takes block part p. Every process walks the same
+    global stream, so the global batch does not depend on the number of processes."""
+
+    def __init__(self, rows: int, process_index: int, process_count: int):
+        self.rows, self.pi, self.pc = rows, process_index, process_count
+
+    def __call__(self, j: int) -> int:
+        return (j // self.rows) * self.rows * self.pc + self.pi * self.rows + j % self.rows
+
+
+class _Take:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __call__(self, i: int):
+        return self.ds[i]
 
 
 def _finish(cfg: LoaderConfig, ds, drop_remainder: bool):
@@ -185,7 +201,7 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
         if float(weight) == 0:
             continue
         _check_source(cfg, path)
-        ds = _source(path, pi, pc)
+        ds = _source(path)
         if cfg.shuffle:
             ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + k) % 2**32)  # distinct stream per source
         parts.append(ds.repeat(None))
@@ -193,6 +209,8 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
     if not parts:
         raise ValueError("all sources have weight 0")
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    if pc > 1:
+        ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
     return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft"))
 
 

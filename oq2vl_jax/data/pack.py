@@ -40,7 +40,7 @@ from oq2vl_jax.data.records import assemble_row, encode_row
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, count_image_tags
 
 MODES = ("caption", "sft", "text")
-STATS_VERSION = 1
+STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
 
 
 @dataclasses.dataclass(frozen=True)

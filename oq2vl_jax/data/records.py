@@ -1,4 +1,9 @@
-"""Packed-row records: one ArrayRecord record per row, an ``np.savez`` archive (no pickle).
+"""Packed-row records: one ArrayRecord record per row.
+
+A record is ``b"OQR1"``, a little-endian uint32 header length, a JSON header giving each field's
+element count, then the fields' raw little-endian bytes in FIELDS order. (Not ``np.savez``: its header
+is parsed with ``ast.literal_eval``, which raises SystemError when Grain's reader threads run it
+concurrently on CPython 3.11.)
 
 Fields (L = seq_len, n = samples in the row, m = images in the row):
   input_ids int32[L]          tokens; each image is ``image_tokens`` copies of the image-pad id; pad id after
@@ -11,11 +16,13 @@ Fields (L = seq_len, n = samples in the row, m = images in the row):
 """
 from __future__ import annotations
 
-import io
+import json
+import struct
 from collections.abc import Sequence
 
 import numpy as np
 
+MAGIC = b"OQR1"
 FIELDS = {
     "input_ids": np.int32, "segment_ids": np.int32, "positions": np.int32, "loss_mask": np.uint8,
     "image_bytes": np.uint8, "image_offsets": np.int64, "image_segment_ids": np.int32,
@@ -26,17 +33,26 @@ def encode_row(row: dict) -> bytes:
     missing = set(FIELDS) - set(row)
     if missing:
         raise KeyError(f"row record is missing fields {sorted(missing)}")
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(row[k], dtype=dt) for k, dt in FIELDS.items()})
-    return buf.getvalue()
+    arrays = {k: np.ascontiguousarray(row[k], dtype=np.dtype(dt).newbyteorder("<")).ravel()
+              for k, dt in FIELDS.items()}
+    header = json.dumps({k: int(a.size) for k, a in arrays.items()}).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header] + [a.tobytes() for a in arrays.values()])
 
 
 def decode_row(data: bytes) -> dict:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        row = {k: z[k] for k in FIELDS}
+    if data[:4] != MAGIC:
+        raise ValueError("not a packed-row record (bad magic); was it written by oq2vl_jax.data.pack?")
+    (n,) = struct.unpack_from("<I", data, 4)
+    sizes = json.loads(data[8:8 + n])
+    if set(sizes) != set(FIELDS):
+        raise ValueError(f"row record fields {sorted(sizes)} != {sorted(FIELDS)}")
+    row, offset = {}, 8 + n
     for k, dt in FIELDS.items():
-        if row[k].dtype != dt:
-            raise ValueError(f"row field {k!r} has dtype {row[k].dtype}, expected {np.dtype(dt)}")
+        dt = np.dtype(dt).newbyteorder("<")
+        row[k] = np.frombuffer(data, dtype=dt, count=sizes[k], offset=offset).astype(FIELDS[k], copy=False)
+        offset += sizes[k] * dt.itemsize
+    if offset != len(data):
+        raise ValueError(f"row record has {len(data) - offset} trailing bytes")
     return row
 
 

@@ -3,6 +3,9 @@
 GQA with q/k/v biases, half-split ("rotate_half") RoPE at explicit per-token positions, RMSNorm in
 float32, SiLU-gated MLP, tied or untied LM head. Attention is restricted to the token's own segment
 of a packed row unless `cross_segment` (the original's plain causal over the row).
+
+Inference adds a KV-cache path (`hidden_states_cached`, models/cache.py) beside the training
+forward: the same projections and RoPE, attention through the XLA reference with a cache mask.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oq2vl_jax.models.attention import attention
+from oq2vl_jax.models import cache as kv_cache
+from oq2vl_jax.models.attention import attention, xla_attention
 from oq2vl_jax.models.config import TextConfig
 from oq2vl_jax.models.layers import RMSNorm, linear
 from oq2vl_jax.sharding import constrain
@@ -41,14 +45,28 @@ class Qwen2Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.attn = attn  # impl / cross_segment / max_segments
 
-    def __call__(self, x, positions, segment_ids):
+    def _qkv(self, x, positions):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+    def __call__(self, x, positions, segment_ids):
+        q, k, v = self._qkv(x, positions)
         out = attention(q, k, v, segment_ids, causal=True, **self.attn)
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1))
+
+    def cached(self, x, positions, k_buf, v_buf, index, mask):
+        """Attention of x [B, T, D] over the cache after writing its keys/values at slots
+        index..index+T-1. mask: bool [B, T, S]. Returns (out, k_buf, v_buf).
+
+        Always the XLA reference attention: decode steps are memory-bound and the cache mask is a
+        plain boolean one, which the packed cuDNN path does not take."""
+        q, k, v = self._qkv(x, positions)
+        k_buf, v_buf = kv_cache.write(k_buf, k, index), kv_cache.write(v_buf, v, index)
+        out = xla_attention(q, k_buf, v_buf, mask, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), k_buf, v_buf
 
 
 class Qwen2MLP(nnx.Module):
@@ -73,6 +91,11 @@ class Qwen2DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", None))
+
+    def cached(self, x, positions, k_buf, v_buf, index, mask):
+        h, k_buf, v_buf = self.self_attn.cached(self.input_layernorm(x), positions, k_buf, v_buf, index, mask)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_buf, v_buf
 
 
 REMAT_POLICIES = {
@@ -133,6 +156,21 @@ class Qwen2ForCausalLM(nnx.Module):
             # The original never reset positions inside a packed row.
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         return self.model(inputs_embeds, positions, segment_ids)
+
+    def hidden_states_cached(self, inputs_embeds, positions, valid, cache: kv_cache.KVCache):
+        """Incremental forward: T new tokens per row (prefill or one decode step) against the cache.
+
+        positions int [B, T] are the tokens' RoPE positions; valid bool [B, T] is False for padding,
+        which no later token attends to. Returns (final normed hidden states [B, T, D], new cache)."""
+        slot_mask, mask = cache.attention_mask(valid)
+        x, ks, vs = inputs_embeds, [], []
+        for layer, k_buf, v_buf in zip(self.model.layers, cache.k, cache.v):
+            x, k_buf, v_buf = layer.cached(x, positions, k_buf, v_buf, cache.index, mask)
+            ks.append(k_buf)
+            vs.append(v_buf)
+        new = kv_cache.KVCache(k=tuple(ks), v=tuple(vs), mask=slot_mask,
+                               index=cache.index + inputs_embeds.shape[1])
+        return self.model.norm(x), new
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.cfg.tie_word_embeddings:

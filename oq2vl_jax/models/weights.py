@@ -130,10 +130,11 @@ def hf_to_ours(component: str, sd: Mapping[str, np.ndarray], params: Mapping[tup
         path = (component,) + hf_path[:-1] + (leaf,)
         if path not in params:
             raise WeightError(f"unexpected tensor {key!r} for {component} (no parameter {_to_key(path)})")
+        hf_shape = tuple(np.shape(value))
         value = _to_ours(np.asarray(value), leaf, np.ndim(value))
         want = tuple(params[path].shape)
         if tuple(value.shape) != want:
-            raise WeightError(f"tensor {key!r} has shape {tuple(np.shape(value))} (HF layout); "
+            raise WeightError(f"tensor {key!r} has shape {hf_shape} (HF layout); "
                               f"{_to_key(path)} needs {want} (ours)")
         out[path] = value
     missing = [p for p in params if p[0] == component and p not in out]
