@@ -167,10 +167,11 @@ def resolve_checkpoint_config(run_dir: str):
 
 def saved_param_shapes(run_dir: str, step: int) -> dict:
     """The nested {name: ShapeDtypeStruct} of the params saved at `step`, read from Orbax metadata."""
-    path = os.path.join(checkpoint_dir(run_dir), str(step), PARAMS)
-    meta = ocp.StandardCheckpointer().metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
+    from etils import epath
+
+    path = epath.Path(checkpoint_dir(run_dir)) / str(step) / PARAMS
+    meta = ocp.PyTreeCheckpointHandler().metadata(path)
+    tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
