@@ -64,6 +64,8 @@ def check_tokenizer(cfg: Config) -> None:
         return
     from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
 
+    if not os.path.isdir(cfg.tokenizer):
+        raise ConfigError(f"tokenizer: {cfg.tokenizer!r} is not a directory")
     ids = special_ids(load_tokenizer(cfg.tokenizer))
     if ids.image != cfg.model.image_token_id:
         raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer {cfg.tokenizer!r} "
@@ -115,7 +117,9 @@ class Trainer:
         rows_per_micro = d.global_batch_size // cfg.train.micro_batches
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if rows_per_micro % shards:
-            raise ConfigError(f"{rows_per_micro} rows per micro-batch do not split over data x fsdp = {shards} devices")
+            raise ConfigError(f"data.global_batch_size={d.global_batch_size} / train.micro_batches="
+                              f"{cfg.train.micro_batches} = {rows_per_micro} rows per micro-batch do not split "
+                              f"over mesh data x fsdp = {shards} devices")
 
         self.graphdef, abstract = build_abstract(cfg.model, self.mesh)
         abs_flat = flat_params(abstract)
@@ -296,8 +300,8 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     try:
         run(cfg, workdir, stop_at=args.stop_at)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         log.error("%s", e)

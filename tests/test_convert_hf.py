@@ -51,9 +51,12 @@ def _hf_modules_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
 
-def _save_hf(tmp_path, tokenizer_dir, act="gelu_pytorch_tanh", tie=True, llm_dtype=torch.float32, shard=None):
-    """Saves a tiny SigLIP and Qwen2 (+ tokenizer) as HF directories; returns (dirs, models)."""
-    vision, llm = hf_siglip(act, image_size=IMAGE_SIZE), hf_qwen2(tie=tie, vocab_size=VOCAB)
+def _save_hf(tmp_path, tokenizer_dir, act="gelu_pytorch_tanh", tie=True, llm_dtype=torch.float32, shard=None,
+             **llm_overrides):
+    """Saves a tiny SigLIP and Qwen2 (+ tokenizer) as HF directories; returns their paths.
+    llm_overrides go to the Qwen2 config (e.g. initializer_range)."""
+    vision = hf_siglip(act, image_size=IMAGE_SIZE)
+    llm = hf_qwen2(tie=tie, vocab_size=VOCAB, **llm_overrides)
     vdir, ldir = str(tmp_path / "vision"), str(tmp_path / "llm")
     vision.save_pretrained(vdir)
     llm.to(llm_dtype).save_pretrained(ldir, **({"max_shard_size": shard} if shard else {}))

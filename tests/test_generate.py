@@ -2,8 +2,8 @@
 
 Tiny models use a larger init (HF initializer_range 0.3) so greedy decoding doesn't collapse onto
 one repeated token, which would make token equality a weak check. The image path is compared with
-our own no-cache forward; the comparison with an exported HF Llava model belongs to the converter
-tests.
+our own no-cache forward here, and with HF `generate` on the exported Llava models in
+test_generate_llava.py.
 """
 
 import dataclasses

@@ -108,18 +108,30 @@ def _env(devices=8, **extra):
     return env
 
 
-def test_kill_9_then_resume_equals_uninterrupted(demo, reference, tmp_path):
-    work = tmp_path / "killed"
-    cmd = _train_cmd(work, demo, *STEPS)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _run_until(cmd, work, min_step, sig):
+    """Starts a training process, sends `sig` once metrics reach `min_step`; returns the process."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(work / "metrics.jsonl") and max(metrics(work) or [0]) >= 7:
+        if os.path.exists(work / "metrics.jsonl") and max(metrics(work) or [0]) >= min_step:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert max(metrics(work)) < 20, "the run finished before it could be killed"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_sigterm_and_kill_9_then_resume_equals_uninterrupted(demo, reference, tmp_path):
+    work = tmp_path / "run"
+    cmd = _train_cmd(work, demo, *STEPS)
+    # SIGTERM: the step in flight finishes, is saved (even off the checkpoint interval), clean exit.
+    term = _run_until(cmd, work, 4, signal.SIGTERM)
+    assert term.returncode == 0, term.stderr.read()[-3000:]
+    stopped = max(metrics(work))
+    assert stopped < 20 and ckpt.make_manager(str(work), read_only=True).latest_step() == stopped
+    # SIGKILL mid-run: whatever was in flight (maybe a half-written checkpoint) is lost, not resumed.
+    killed = _run_until(cmd, work, stopped + 4, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL and max(metrics(work)) < 20
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
@@ -148,14 +160,58 @@ def test_two_processes_equal_one(demo, reference, tmp_path):
     np.testing.assert_allclose(losses(tmp_path), losses(reference)[:5], rtol=1e-4)
 
 
-def test_config_errors_are_named(demo, tmp_path):
+def test_init_from_a_converted_hf_checkpoint(demo, tmp_path):
+    """hf_to_jax output (tiny HF SigLIP + Qwen2 with the tiny config's shapes) is what training starts from."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from oq2vl_jax.train import Trainer
+
+    sys.path.insert(0, os.path.join(REPO, "tools", "convert"))
+    import hf_to_jax
+
+    cfg = tiny(demo)
+    v, t = cfg.model.vision, cfg.model.text
+    torch.manual_seed(0)
+    vision = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act="gelu", vision_use_head=False))
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, rope_theta=t.rope_theta, tie_word_embeddings=True))
+    vision.save_pretrained(tmp_path / "siglip")
+    llm.save_pretrained(tmp_path / "qwen2")
+    assert hf_to_jax.main(["--vision", str(tmp_path / "siglip"), "--llm", str(tmp_path / "qwen2"),
+                           "--tokenizer", f"{demo}/tokenizer", "--image-tokens", "4",
+                           "--out", str(tmp_path / "converted")]) == 0
+    cfg = tiny(demo, f"train.init_from={tmp_path / 'converted'}")
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    state, step = trainer.initial_state(data_iter=None)
+    assert step == 0
+    got = np.asarray(state["params"]["language_model"]["model"]["layers"][1]["mlp"]["up_proj"]["kernel"])
+    np.testing.assert_array_equal(got, llm.model.layers[1].mlp.up_proj.weight.detach().numpy().T)
+    got = np.asarray(state["frozen"]["vision_tower"]["encoder"]["layers"][0]["self_attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(got, vision.encoder.layers[0].self_attn.q_proj.weight.detach().numpy().T)
+    trainer.mngr.close()
+
+
+def test_config_errors_are_named(demo, tmp_path, capsys):
     from oq2vl_jax.train import main
 
     with pytest.raises(ConfigError, match="optim.lrr|lrr"):
         tiny(demo, "optim.lrr=1")
     with pytest.raises(ConfigError, match="train.steps"):
         tiny(demo, "train.steps=ten")
-    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", "data.global_batch_size=12"]) == 2
+    ok = [f"tokenizer={demo}/tokenizer", f"data.sources=[{{path: {demo}/packed}}]"]
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.global_batch_size=12"]) == 2
+    assert "global_batch_size=12" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", "tokenizer=/nonexistent"]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", f"tokenizer={demo}/tokenizer",
+                 "data.sources=[{path: /no/such/data}]"]) == 2
+    assert "/no/such/data" in capsys.readouterr().err
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):

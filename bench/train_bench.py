@@ -1,0 +1,113 @@
+"""Throughput of our pre-training step on synthetic packed rows: tokens/s per device, MFU, peak memory.
+
+    python bench/train_bench.py --config configs/pretrain.yaml --rows-per-device 2 --images-per-row 22
+
+Rows are packed like the real data: `images-per-row` samples of [<s>, 144 image tokens, caption],
+caption lengths filling the row to ~99%, segment ids and per-sample positions, random pixels. The
+step is the real `train_step` (frozen tower forward, projector + LLM forward/backward, AdamW), jitted
+with the configured mesh and donated state. MFU uses oq2vl_jax/flops.py (the formula is documented
+there: 6N per LLM token, causal attention over the whole row once, the frozen tower's forward).
+Run it beside shared/bench/torch_baseline.py on the same GPU for the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from oq2vl_jax.config import load_config
+from oq2vl_jax.flops import train_step_flops
+from oq2vl_jax.train import Trainer, to_global
+from oq2vl_jax.train_step import batch_shardings
+
+
+def synthetic_rows(cfg, rows: int, images_per_row: int, seed: int = 0) -> dict:
+    """Packed rows of `images_per_row` caption samples each, as oq2vl_jax.data.pack writes them."""
+    rng = np.random.default_rng(seed)
+    m, t = cfg.model, cfg.data.seq_len
+    k = m.image_tokens
+    budget = int(t * 0.99) - images_per_row * (k + 1)
+    if budget < images_per_row * 3:
+        raise SystemExit(f"{images_per_row} images of {k} tokens do not fit a {t}-token row")
+    out = {n: np.zeros((rows, t), np.int32) for n in ("input_ids", "segment_ids", "positions", "loss_mask")}
+    for r in range(rows):
+        caps = rng.multinomial(budget - images_per_row * 2, [1 / images_per_row] * images_per_row) + 2
+        start = 0
+        for s, cap in enumerate(caps):
+            n = 1 + k + cap
+            ids = np.concatenate([[1], np.full(k, m.image_token_id), rng.integers(2, min(1000, m.text.vocab_size), cap)])
+            sl = slice(start, start + n)
+            out["input_ids"][r, sl] = ids
+            out["segment_ids"][r, sl] = s + 1
+            out["positions"][r, sl] = np.arange(n)
+            out["loss_mask"][r, sl] = ids != m.image_token_id
+            start += n
+    size = m.vision.image_size
+    out["images"] = rng.uniform(-1, 1, (rows, cfg.data.max_images, size, size, 3)).astype(np.float32)
+    out["image_mask"] = np.arange(cfg.data.max_images)[None].repeat(rows, 0) < images_per_row
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/pretrain.yaml")
+    p.add_argument("--rows-per-device", type=int, default=2, help="rows per device per micro-batch")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--images-per-row", type=int, default=22)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    n_dev = jax.device_count()
+    rows = args.rows_per_device * n_dev * args.micro_batches
+    overrides = [f"data.global_batch_size={rows}", f"train.micro_batches={args.micro_batches}",
+                 f"data.max_images={args.images_per_row}", "train.init_from=null", "tokenizer=null"] + args.set
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, tempfile.mkdtemp(prefix="train_bench_"))
+    state, _ = trainer.initial_state(data_iter=None)
+    local = synthetic_rows(cfg, rows, args.images_per_row)
+    example = {k: v.reshape((args.micro_batches, -1) + v.shape[1:]) for k, v in local.items()}
+    batch = to_global(local, batch_shardings(trainer.mesh, example, True), args.micro_batches)
+
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / args.steps
+
+    tokens = rows * cfg.data.seq_len
+    flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, rows * args.images_per_row)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    result = {
+        "device": jax.devices()[0].device_kind, "devices": n_dev, "seq_len": cfg.data.seq_len,
+        "rows_per_device": args.rows_per_device, "micro_batches": args.micro_batches,
+        "images_per_row": args.images_per_row, "image_tokens": cfg.model.image_tokens,
+        "attention": cfg.model.attention, "remat": cfg.model.remat, "dtype": cfg.model.dtype,
+        "step_s": round(step_s, 4), "first_step_s": round(compile_s, 1),
+        "tokens_per_s_per_device": round(tokens / step_s / n_dev, 1),
+        "tflops_per_device": round(flops / step_s / n_dev / 1e12, 2),
+        "mfu": round(flops / step_s / n_dev / (cfg.train.peak_tflops * 1e12), 4),
+        "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+        "loss": float(metrics["loss"]),
+    }
+    print(json.dumps(result))
+    trainer.mngr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Every shipped config loads, validates and builds its model abstractly."""
+
+import glob
+import os
+
+import pytest
+
+from oq2vl_jax.config import ConfigError, load_config
+from oq2vl_jax.models import build_abstract, count_params
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_and_builds(path):
+    cfg = load_config(path)
+    assert cfg.data.global_batch_size % cfg.train.micro_batches == 0
+    _, state = build_abstract(cfg.model)
+    n = count_params(state)
+    if cfg.model.text.hidden_size == 1536:  # the full-size configs: Qwen2.5-1.5B + so400m + projector
+        assert n == 1_543_714_304 + 412_987_248 + 4_131_840
+
+
+def test_bad_keys_and_values_are_named():
+    path = CONFIGS[0]
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) in model.text: hidden"):
+        load_config(path, ["model.text.hidden=3"])
+    with pytest.raises(ConfigError, match="data.sources"):
+        load_config(path, ["data.sources=7"])
+    with pytest.raises(ConfigError, match="model: image_tokens=10 is not a square"):
+        load_config(path, ["model.image_tokens=10"])  # not a square
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(path, ["train.steps"])
