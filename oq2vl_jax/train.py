@@ -238,6 +238,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
                 example = {k: v.reshape((cfg.train.micro_batches, -1) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
+            if cfg.model.attention == "cudnn" and int(local["segment_ids"].max()) > cfg.model.max_segments:
+                # The cuDNN packed layout has max_segments slots per row; more would be dropped silently.
+                raise ConfigError(f"a row holds {int(local['segment_ids'].max())} samples > model.max_segments="
+                                  f"{cfg.model.max_segments}; raise it or pack fewer samples per row")
             batch = to_global(local, shardings, cfg.train.micro_batches)
             n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
             state, metrics = trainer.train_step(state, batch)

@@ -104,13 +104,14 @@ def packed():
     return samples, per_sample_images, batch
 
 
-def test_vlm_single_sample_matches_torch(ref):
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_vlm_single_sample_matches_torch(ref, chunk):
     rng = np.random.default_rng(5)
     ids, loss = _sample(rng, 2, 9)
     images = rng.uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     labels = np.where(loss == 1, ids, -100)
     ref_logits, ref_loss = ref(ids, images, labels)
-    model = ref.ours()
+    model = ref.ours(loss_chunk_size=chunk)
     batch = dict(input_ids=ids[None], segment_ids=np.ones_like(ids)[None], positions=np.arange(len(ids))[None],
                  loss_mask=loss[None], images=images[None])
     logits = np.asarray(model(batch["input_ids"], batch["images"], batch["positions"], batch["segment_ids"]))[0]
@@ -154,3 +155,21 @@ def test_config_validation():
         dataclasses.replace(cfg, image_tokens=10)
     with pytest.raises(ValueError, match="exceeds"):
         dataclasses.replace(cfg, image_tokens=25)
+
+
+def test_chunked_loss_gradients_equal_unchunked(ref, packed):
+    import jax
+    from flax import nnx
+
+    _, _, batch = packed
+    grads = []
+    for chunk in (0, 7):
+        graphdef, state = nnx.split(ref.ours(loss_chunk_size=chunk))
+
+        def loss(state):
+            total, count = nnx.merge(graphdef, state).loss(batch)
+            return total / count
+
+        grads.append(jax.grad(loss)(state))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)

@@ -54,7 +54,7 @@ def losses(workdir):
     return np.array([m[s]["loss"] for s in sorted(m)])
 
 
-STEPS = ["train.steps=20", "train.checkpoint_every=3"]
+STEPS = ["train.steps=20", "train.checkpoint_every=3", "train.keep_last=2", "train.keep_every=6"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,9 @@ def test_loss_decreases_and_checkpoint_is_complete(reference):
     assert os.path.exists(reference / "config.yaml")
     latest = os.path.join(ckpt.checkpoint_dir(str(reference)), "20")
     assert {"params", "opt_state", "meta", "data"} <= set(os.listdir(latest))
+    # Saved every 3 steps and at the end; kept: the last 2 plus every 6th.
+    assert sorted(ckpt.make_manager(str(reference), read_only=True).all_steps()) == [6, 12, 18, 20]
+    assert os.listdir(reference / "tensorboard")
 
 
 def test_one_device_equals_fsdp8(demo, reference, tmp_path):

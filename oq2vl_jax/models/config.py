@@ -95,6 +95,9 @@ class ModelConfig:
     cross_segment_attention: bool = False
     # Static bound on segments per row for the cuDNN packed layout.
     max_segments: int = 64
+    # Compute the loss this many positions at a time (0 = all at once): bounds the float32 logits
+    # ([rows, chunk, vocab] instead of [rows, seq_len, vocab]) at the cost of recomputing them.
+    loss_chunk_size: int = 0
     # Activation checkpointing of decoder layers: none | full | dots (save matmul outputs).
     remat: Literal["none", "full", "dots"] = "full"
 

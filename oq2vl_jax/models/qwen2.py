@@ -137,6 +137,7 @@ class Qwen2ForCausalLM(nnx.Module):
                  max_segments: int = 64, remat: str = "none", dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg = cfg
+        self.dtype = dtype
         self.cross_segment = cross_segment
         attn = dict(impl=attn_impl, cross_segment=cross_segment, max_segments=max_segments)
         self.model = Qwen2Model(cfg, attn=attn, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -172,10 +173,14 @@ class Qwen2ForCausalLM(nnx.Module):
                                index=cache.index + inputs_embeds.shape[1])
         return self.model.norm(x), new
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def output_matrix(self) -> jax.Array:
+        """The LM head as a [hidden, vocab] matrix in the compute dtype (the embedding when tied)."""
         if self.cfg.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+            return self.model.embed_tokens.embedding[...].astype(self.dtype).T
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return jnp.dot(hidden.astype(self.dtype), self.output_matrix())
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden_states(self.embed(input_ids), positions, segment_ids))

@@ -33,20 +33,49 @@ def splice_image_embeddings(input_ids, text_embeds, image_embeds, image_token_id
     return jnp.where(is_img[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-def token_losses(logits, input_ids, loss_mask, segment_ids, cross_segment: bool):
-    """Next-token cross entropy in float32: (sum of losses, number of target tokens).
-
-    Position t predicts token t+1 where token t+1 is a target. With segment isolation a sample's
-    first token is never predicted from the previous sample (they can't see each other).
-    """
-    targets = input_ids[:, 1:]
+def _targets(input_ids, loss_mask, segment_ids, cross_segment: bool):
+    """Targets [B, T-1] and their float32 weights: position t predicts token t+1 where token t+1 is a
+    target. With segment isolation a sample's first token is never predicted from the previous sample
+    (they can't see each other)."""
     weights = loss_mask[:, 1:].astype(bool)
     if not cross_segment:
         weights &= segment_ids[:, 1:] == segment_ids[:, :-1]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    w = weights.astype(jnp.float32)
-    return jnp.sum(nll * w), jnp.sum(w)
+    return input_ids[:, 1:], weights.astype(jnp.float32)
+
+
+def _nll(logits, targets):
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def token_losses(logits, input_ids, loss_mask, segment_ids, cross_segment: bool):
+    """Next-token cross entropy in float32: (sum of losses, number of target tokens)."""
+    targets, w = _targets(input_ids, loss_mask, segment_ids, cross_segment)
+    return jnp.sum(_nll(logits[:, :-1], targets) * w), jnp.sum(w)
+
+
+def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, cross_segment: bool,
+                         chunk: int):
+    """token_losses computed `chunk` positions at a time from the final hidden states, so the
+    [B, T, vocab] float32 logits are never held at once (each chunk's are recomputed for the backward)."""
+    targets, w = _targets(input_ids, loss_mask, segment_ids, cross_segment)
+    b, t = targets.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets, w_pad = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(w, ((0, 0), (0, pad)))
+    split = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def chunk_loss(h_c, t_c, w_c):
+        return jnp.sum(_nll(jnp.dot(h_c.astype(out_matrix.dtype), out_matrix), t_c) * w_c)
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h), split(targets), split(w_pad)))
+    return total, jnp.sum(w)
 
 
 class OQ2VL(nnx.Module):
@@ -88,6 +117,10 @@ class OQ2VL(nnx.Module):
 
     def loss(self, batch: dict):
         """(sum of token losses, target count) for one batch; see token_losses."""
-        logits = self(batch["input_ids"], batch.get("images"), batch["positions"], batch["segment_ids"])
-        return token_losses(logits, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
-                            self.cfg.cross_segment_attention)
+        lm, cfg = self.language_model, self.cfg
+        ids, seg = batch["input_ids"], batch["segment_ids"]
+        hidden = lm.hidden_states(self.embed(ids, batch.get("images")), batch["positions"], seg)
+        if cfg.loss_chunk_size:
+            return chunked_token_losses(hidden, lm.output_matrix(), ids, batch["loss_mask"], seg,
+                                        cfg.cross_segment_attention, cfg.loss_chunk_size)
+        return token_losses(lm.logits(hidden), ids, batch["loss_mask"], seg, cfg.cross_segment_attention)
