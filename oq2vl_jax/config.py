@@ -38,6 +38,9 @@ class DataConfig:
     num_workers: int = 0  # Grain worker processes per host (0 = in-process)
     seed: int = 7
     mode: Literal["packed", "unpacked_sft"] = "packed"
+    # "uint8": workers hand over raw pixels and the model normalises them on the device (4x less to
+    # copy between processes and to the GPU); "float32": normalised to [-1, 1] in the workers.
+    image_dtype: Literal["float32", "uint8"] = "float32"
 
     def __post_init__(self):
         if self.global_batch_size < 1 or self.seq_len < 2 or self.max_images < 0:

@@ -56,6 +56,16 @@ def test_batch_shapes_and_values(data):
     assert (b["image_mask"].sum(1) == b["segment_ids"].max(1)).all()
 
 
+def test_uint8_images_are_the_raw_pixels_of_the_float_ones(data):
+    d, _ = data
+    f = next(make_train_iterator(_cfg(d), process_index=0, process_count=1))
+    u = next(make_train_iterator(_cfg(d, image_dtype="uint8"), process_index=0, process_count=1))
+    assert u["images"].dtype == np.uint8
+    np.testing.assert_array_equal(u["input_ids"], f["input_ids"])
+    real = f["image_mask"]
+    np.testing.assert_allclose(u["images"][real].astype(np.float32) * (2 / 255) - 1, f["images"][real], atol=1e-6)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_save_restore_reproduces_batches(data, workers):
     d, _ = data

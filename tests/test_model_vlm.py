@@ -173,3 +173,14 @@ def test_chunked_loss_gradients_equal_unchunked(ref, packed):
         grads.append(jax.grad(loss)(state))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_uint8_images_are_normalised_on_device(ref, packed):
+    _, _, batch = packed
+    model = ref.ours()
+    pixels = np.random.default_rng(0).integers(0, 256, batch["images"].shape).astype(np.uint8)
+    as_float = pixels.astype(np.float32) * (2 / 255) - 1
+    args = (batch["input_ids"], None, batch["positions"], batch["segment_ids"])
+    out_u8 = model(args[0], pixels, *args[2:])
+    out_f = model(args[0], as_float, *args[2:])
+    np.testing.assert_allclose(np.asarray(out_u8), np.asarray(out_f), atol=1e-5, rtol=0)

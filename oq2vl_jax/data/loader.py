@@ -6,13 +6,15 @@ on every process; process p of P takes part p of each block of batch_size * P ro
 share a row and the global batch is the same whatever P is (a run on 2 hosts of 4 devices sees exactly
 the batches of a run on 1 host of 8). Everything before batching is index based, so the iterator
 state is a few integers and a restored iterator yields exactly the batches the uninterrupted one would.
-Decoding (npz + JPEG/PNG → float32 in [-1, 1]) is a Grain ``map``, run in ``num_workers`` worker
+Decoding (record + JPEG/PNG → float32 in [-1, 1]) is a Grain ``map``, run in ``num_workers`` worker
 processes via ``mp_prefetch`` (threads when num_workers=0). Keep ``num_workers`` fixed across a resume:
 each worker batches its own slice, so the batch order depends on it.
 
 Batches (B = batch_size per process, L = seq_len, M = max_images):
   input_ids, segment_ids, positions, loss_mask: int32[B, L]
-  images float32[B, M, H, W, 3], image_mask bool[B, M], image_segment_ids int32[B, M] (0 = empty slot)
+  images float32[B, M, H, W, 3] in [-1, 1] (or uint8 [0, 255] with image_dtype="uint8": 4x less to
+  copy out of workers and onto the device; the model normalises uint8 images itself),
+  image_mask bool[B, M], image_segment_ids int32[B, M] (0 = empty slot)
 Images fill the slots in placeholder order, so slot j feeds the j-th run of image-pad tokens of the row.
 """
 from __future__ import annotations
@@ -43,8 +45,11 @@ class LoaderConfig:
     mode: str = "packed"  # "packed" | "unpacked_sft" (packed with --packing none: one conversation a row)
     read_threads: int = 4  # per process (or per worker) decode threads
     worker_buffer_size: int = 2  # batches buffered per worker
+    image_dtype: str = "float32"  # "float32" (normalised here) | "uint8" (normalised on the device)
 
     def __post_init__(self):
+        if self.image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"LoaderConfig.image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"LoaderConfig.mode must be one of {MODES}, got {self.mode!r}")
         if not self.sources:
@@ -94,9 +99,11 @@ def _check_source(cfg: LoaderConfig, path: str) -> None:
 class RowDecoder:
     """Grain map: row record bytes → fixed-shape numpy dict (runs in worker processes)."""
 
-    def __init__(self, seq_len: int, max_images: int, image_size: int, one_sample: bool):
+    def __init__(self, seq_len: int, max_images: int, image_size: int, one_sample: bool,
+                 image_dtype: str = "float32"):
         self.seq_len, self.max_images, self.image_size = seq_len, max_images, image_size
         self.one_sample = one_sample
+        self.uint8 = image_dtype == "uint8"
 
     def __call__(self, data: bytes) -> dict:
         from PIL import Image
@@ -111,15 +118,15 @@ class RowDecoder:
         if self.one_sample and row["segment_ids"].max(initial=0) > 1:
             raise ValueError("mode='unpacked_sft' got a row holding several samples; pack with --packing none")
         s = self.image_size
-        images = np.zeros((self.max_images, s, s, 3), np.float32)
+        images = np.zeros((self.max_images, s, s, 3), np.uint8 if self.uint8 else np.float32)
         offsets = row["image_offsets"]
         blob = row["image_bytes"].tobytes()
         for i in range(n_img):
             with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
-                px = np.asarray(im.convert("RGB"), dtype=np.float32)
+                px = np.asarray(im.convert("RGB"))
             if px.shape != (s, s, 3):
                 raise ValueError(f"stored image {i} is {px.shape[:2]}, loader image_size={s}")
-            images[i] = px * (2.0 / 255.0) - 1.0  # (x/255 - 0.5) / 0.5
+            images[i] = px if self.uint8 else px.astype(np.float32) * (2.0 / 255.0) - 1.0  # (x/255-0.5)/0.5
         image_seg = np.zeros(self.max_images, np.int32)
         image_seg[:n_img] = row["image_segment_ids"]
         return {
@@ -133,7 +140,7 @@ class RowDecoder:
         s, m = self.image_size, self.max_images
         z = np.zeros(self.seq_len, np.int32)
         return {"input_ids": z + pad_id, "segment_ids": z, "positions": z, "loss_mask": z,
-                "images": np.zeros((m, s, s, 3), np.float32), "image_mask": np.zeros(m, bool),
+                "images": np.zeros((m, s, s, 3), np.uint8 if self.uint8 else np.float32), "image_mask": np.zeros(m, bool),
                 "image_segment_ids": np.zeros(m, np.int32)}
 
 
@@ -211,7 +218,7 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     if pc > 1:
         ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
-    return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft"))
+    return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype))
 
 
 def make_train_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None):
@@ -237,7 +244,7 @@ def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=N
     total = len(ds)
     per_process = -(-total // pc)
     n_batches = -(-per_process // cfg.batch_size)
-    decoder = RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft")
+    decoder = RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype)
     mine = ds[pi::pc]
     empty = decoder.empty(pad_id)
 

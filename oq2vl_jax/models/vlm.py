@@ -5,7 +5,8 @@ Batch layout (one packed row per batch row; see oq2vl_jax/data):
   segment_ids int32 [B, T]  1..n per sample in the row, 0 = padding
   positions   int32 [B, T]  restart at 0 for each sample
   loss_mask   int   [B, T]  1 where the token is a training target
-  images      float [B, M, H, W, 3] in [-1, 1]; the row's images in placeholder order, zero-filled
+  images      float [B, M, H, W, 3] in [-1, 1] (or uint8 pixels); the row's images in placeholder
+              order, zero-filled
 The i-th image placeholder of a row takes the i-th image token of that row's images, in order.
 """
 
@@ -105,6 +106,8 @@ class OQ2VL(nnx.Module):
         text = self.language_model.embed(input_ids)
         if images is None or images.shape[1] == 0:  # text-only batch
             return text
+        if images.dtype == jnp.uint8:  # raw pixels from the loader: normalise on the device
+            images = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0  # (x/255 - 0.5) / 0.5
         b, m = images.shape[:2]
         img = self.image_features(images.reshape((b * m,) + images.shape[2:]))
         return splice_image_embeddings(input_ids, text, img.reshape(b, -1, img.shape[-1]),
