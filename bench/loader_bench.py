@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--image-dtype", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"])
     a = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPU cores")
     with tempfile.TemporaryDirectory() as root:
@@ -44,9 +45,9 @@ def main():
         max_images = st["max_images"]
         print(f"{st['rows']} rows, {st['images']} images ({st['images'] / st['rows']:.1f}/row), "
               f"max_images slots {max_images}")
-        for w in a.workers:
+        for w, dtype in [(w, d) for d in a.image_dtype for w in a.workers]:
             lc = LoaderConfig(sources=((cfg.out, 1.0),), batch_size=a.batch_size, seq_len=a.seq_len,
-                              max_images=max_images, image_size=a.image_size, num_workers=w)
+                              max_images=max_images, image_size=a.image_size, num_workers=w, image_dtype=dtype)
             it = make_train_iterator(lc, process_index=0, process_count=1)
             next(it)  # warm-up: worker start, first decode
             t = time.perf_counter()
@@ -57,7 +58,7 @@ def main():
                 n_rows += b["input_ids"].shape[0]
             dt = time.perf_counter() - t
             cores = max(w, 1)
-            print(f"loader num_workers={w}: {n_img / dt:.0f} images/s ({n_img / dt / cores:.0f} per core), "
+            print(f"loader num_workers={w} images={dtype}: {n_img / dt:.0f} images/s ({n_img / dt / cores:.0f} per core), "
                   f"{n_rows / dt:.1f} rows/s = {n_rows * a.seq_len / dt / 1e3:.0f}k tokens/s")
             getattr(it, "close", lambda: None)()
 
