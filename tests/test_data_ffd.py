@@ -65,6 +65,25 @@ def test_ffd_image_cap_exact():
     assert bins == ref
 
 
+def test_ffd_sample_cap_exact():
+    rng = np.random.default_rng(5)
+    lengths = [int(x) for x in rng.integers(5, 60, 3000)]  # short documents: many per row
+    images = [int(x) for x in rng.integers(0, 2, 3000)]
+    bins = first_fit_decreasing(lengths, 1024, images, max_images=6, max_items=16)
+    assert sorted(i for b in bins for i in b) == list(range(3000))
+    assert max(len(b) for b in bins) == 16
+    ref, sums, imgs = [], [], []
+    for i in sorted(range(3000), key=lambda i: -lengths[i]):
+        b = next((b for b in range(len(ref)) if sums[b] + lengths[i] <= 1024 and imgs[b] + images[i] <= 6
+                  and len(ref[b]) < 16), len(ref))
+        if b == len(ref):
+            ref.append([]), sums.append(0), imgs.append(0)
+        ref[b].append(i)
+        sums[b] += lengths[i]
+        imgs[b] += images[i]
+    assert bins == ref
+
+
 def test_ffd_rejects_items_that_cannot_fit():
     with pytest.raises(ValueError, match="length 11"):
         first_fit_decreasing([3, 11], 10)

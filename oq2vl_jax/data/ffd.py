@@ -2,9 +2,10 @@
 
 The original recomputes every bin's sum for every item (O(n·bins)). Here a max segment tree over the
 bins' remaining capacities finds the *leftmost* bin with enough room in O(log n), which is exactly the
-bin first-fit picks, so the result equals ``first_fit_decreasing_reference`` item for item. An optional
-second capacity (images per row) is searched the same way; a subtree is pruned when either maximum is
-too small, which keeps the search exact (it may backtrack, but only through subtrees that can hold it).
+bin first-fit picks, so the result equals ``first_fit_decreasing_reference`` item for item. Optional
+further capacities (images per row, samples per row) are searched the same way; a subtree is pruned
+when any maximum is too small, which keeps the search exact (it may backtrack, but only through
+subtrees that can hold it).
 """
 from __future__ import annotations
 
@@ -17,50 +18,58 @@ def _decreasing_order(lengths: Sequence[int]) -> list[int]:
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int, images: Sequence[int] | None = None,
-                         max_images: int | None = None) -> list[list[int]]:
-    """Packs item indices into bins of ``capacity`` (and at most ``max_images`` images per bin).
+                         max_images: int | None = None, max_items: int | None = None) -> list[list[int]]:
+    """Packs item indices into bins of ``capacity``, with at most ``max_images`` images and at most
+    ``max_items`` items per bin when given (the latter bounds segments per row for the cuDNN layout).
 
     Returns bins in opening order, each a list of item indices in placement order. Raises ValueError if
     an item alone cannot fit (callers filter those out first and count them as skipped).
     """
     n = len(lengths)
-    if images is None or max_images is None:
-        images, max_images = [0] * n, 0
+    # Every constraint is a (per-item amount, per-bin cap) resource, searched the same way.
+    resources = [(list(lengths), capacity)]
+    if images is not None and max_images is not None:
+        resources.append((list(images), max_images))
+    if max_items is not None:
+        resources.append(([1] * n, max_items))
     for i in range(n):
         if lengths[i] > capacity or lengths[i] <= 0:
             raise ValueError(f"item {i} has length {lengths[i]}, must be in [1, {capacity}]")
-        if images[i] > max_images:
+        if images is not None and max_images is not None and images[i] > max_images:
             raise ValueError(f"item {i} has {images[i]} images, more than max_images={max_images}")
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
     if n == 0:
         return []
     size = 1
     while size < n:
         size *= 2
     # Leaves are bins 0..size-1, all starting empty; the leftmost untouched leaf is the "new bin".
-    room = [capacity] * (2 * size)
-    img_room = [max_images] * (2 * size)
+    # rooms[r][node] = the most room for resource r in any bin below node.
+    rooms = [[cap] * (2 * size) for _, cap in resources]
     bins: list[list[int]] = []
 
-    def find(node: int, need: int, need_img: int) -> int:
-        if room[node] < need or img_room[node] < need_img:
+    def find(node: int, need: list[int]) -> int:
+        if any(room[node] < k for room, k in zip(rooms, need)):
             return -1
         if node >= size:
             return node - size
-        found = find(2 * node, need, need_img)
-        return found if found >= 0 else find(2 * node + 1, need, need_img)
+        found = find(2 * node, need)
+        return found if found >= 0 else find(2 * node + 1, need)
 
     for i in _decreasing_order(lengths):
-        b = find(1, lengths[i], images[i])
+        need = [amounts[i] for amounts, _ in resources]
+        b = find(1, need)
         if b == len(bins):
             bins.append([])
         bins[b].append(i)
         node = b + size
-        room[node] -= lengths[i]
-        img_room[node] -= images[i]
+        for room, k in zip(rooms, need):
+            room[node] -= k
         node //= 2
         while node:
-            room[node] = max(room[2 * node], room[2 * node + 1])
-            img_room[node] = max(img_room[2 * node], img_room[2 * node + 1])
+            for room in rooms:
+                room[node] = max(room[2 * node], room[2 * node + 1])
             node //= 2
     return bins
 

@@ -54,6 +54,7 @@ class PackConfig:
     image_format: str = "jpeg"
     jpeg_quality: int = 95
     max_images: int | None = None  # per-row image cap; None → what can fit (see resolved_max_images)
+    max_samples: int | None = None  # per-row sample cap (bounds segments for the cuDNN packed layout)
     sft_template: str = "chatml"
     image_root: str | None = None  # SFT: where relative image paths live (default: the json's folder)
     packing: str = "ffd"  # "ffd" or "none" (one sample per row, for unpacked SFT batches)
@@ -227,7 +228,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     lengths = [len(t.input_ids) for _, t, _ in kept]
     if cfg.packing == "ffd":
         bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
-                                    cfg.resolved_max_images())
+                                    cfg.resolved_max_images(), max_items=cfg.max_samples)
     else:
         bins = [[i] for i in range(len(kept))]
 
@@ -351,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-images", type=int, default=None,
                    help="per-row image cap (default: seq_len // (image_tokens + 3)); set the loader's "
                         "max_images to at least this")
+    p.add_argument("--max-samples-per-row", type=int, default=None,
+                   help="per-row sample cap; keep it <= the model's max_segments (64) with attention: cudnn")
     p.add_argument("--sft-template", choices=("chatml", "original"), default="chatml")
     p.add_argument("--image-root", default=None, help="SFT: base folder for relative image paths")
     p.add_argument("--packing", choices=("ffd", "none"), default="ffd",
@@ -361,7 +364,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
                      image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
-                     jpeg_quality=a.jpeg_quality, max_images=a.max_images, sft_template=a.sft_template,
+                     jpeg_quality=a.jpeg_quality, max_images=a.max_images,
+                     max_samples=a.max_samples_per_row, sft_template=a.sft_template,
                      image_root=a.image_root, packing=a.packing, text_key=a.text_key)
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
         log=lambda m: print(m, file=sys.stderr, flush=True))
