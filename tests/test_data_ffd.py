@@ -45,6 +45,21 @@ def test_ffd_deterministic_and_stable_ties():
     assert bins == [[0, 1], [2, 3]]  # equal lengths keep input order
 
 
+def _first_fit_brute_force(lengths, capacity, images, max_images, max_items=None):
+    """First fit over the decreasing order, checking every open bin's sums directly."""
+    ref, sums, imgs = [], [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b in range(len(ref)) if sums[b] + lengths[i] <= capacity
+                  and imgs[b] + images[i] <= max_images and (max_items is None or len(ref[b]) < max_items)),
+                 len(ref))
+        if b == len(ref):
+            ref.append([]), sums.append(0), imgs.append(0)
+        ref[b].append(i)
+        sums[b] += lengths[i]
+        imgs[b] += images[i]
+    return ref
+
+
 def test_ffd_image_cap_exact():
     rng = np.random.default_rng(4)
     lengths = [int(x) for x in rng.integers(10, 300, 2000)]
@@ -52,17 +67,7 @@ def test_ffd_image_cap_exact():
     bins = first_fit_decreasing(lengths, 1024, images, max_images=4)
     assert sorted(i for b in bins for i in b) == list(range(2000))
     assert all(sum(images[i] for i in b) <= 4 and sum(lengths[i] for i in b) <= 1024 for b in bins)
-    # Brute-force first fit with both capacities gives the same bins.
-    ref, sums, imgs = [], [], []
-    for i in sorted(range(2000), key=lambda i: -lengths[i]):
-        b = next((b for b in range(len(ref))
-                  if sums[b] + lengths[i] <= 1024 and imgs[b] + images[i] <= 4), len(ref))
-        if b == len(ref):
-            ref.append([]), sums.append(0), imgs.append(0)
-        ref[b].append(i)
-        sums[b] += lengths[i]
-        imgs[b] += images[i]
-    assert bins == ref
+    assert bins == _first_fit_brute_force(lengths, 1024, images, 4)
 
 
 def test_ffd_sample_cap_exact():
@@ -72,16 +77,7 @@ def test_ffd_sample_cap_exact():
     bins = first_fit_decreasing(lengths, 1024, images, max_images=6, max_items=16)
     assert sorted(i for b in bins for i in b) == list(range(3000))
     assert max(len(b) for b in bins) == 16
-    ref, sums, imgs = [], [], []
-    for i in sorted(range(3000), key=lambda i: -lengths[i]):
-        b = next((b for b in range(len(ref)) if sums[b] + lengths[i] <= 1024 and imgs[b] + images[i] <= 6
-                  and len(ref[b]) < 16), len(ref))
-        if b == len(ref):
-            ref.append([]), sums.append(0), imgs.append(0)
-        ref[b].append(i)
-        sums[b] += lengths[i]
-        imgs[b] += images[i]
-    assert bins == ref
+    assert bins == _first_fit_brute_force(lengths, 1024, images, 6, max_items=16)
 
 
 def test_ffd_rejects_items_that_cannot_fit():
