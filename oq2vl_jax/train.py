@@ -231,9 +231,30 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                                 f"{step_done}; the last good checkpoint is step {trainer.mngr.latest_step()}")
         return host
 
+    # Metrics of a step are read back ("settled") once the next step is dispatched, so the device
+    # never waits on the host; a step is settled before anything is logged, evaluated or saved after
+    # it, so a non-finite loss never reaches a checkpoint.
+    pending: list[tuple[int, dict, int]] = []
+
+    def settle() -> None:
+        nonlocal last, window_tokens, window_flops, window_start
+        for s, metrics, n_images in pending:
+            host = check(s, metrics)
+            logger.advance()
+            window_tokens += host["tokens"]
+            window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images)
+            if s % cfg.train.log_every == 0 or s == total_steps:
+                elapsed = time.perf_counter() - window_start
+                host["tokens_per_s"] = window_tokens / elapsed
+                host["mfu"] = window_flops / elapsed / (n_dev * cfg.train.peak_tflops * 1e12)
+                logger.log(s, host)
+                last = host
+                window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+        pending.clear()
+
     try:
         while step < total_steps:
-            local = next(data_iter)
+            local = next(data_iter)  # host work overlaps the step in flight
             if shardings is None:
                 example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
                 example = {k: v.reshape((cfg.train.micro_batches, -1) + v.shape[1:]) for k, v in example.items()}
@@ -246,22 +267,16 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
             state, metrics = trainer.train_step(state, batch)
             step += 1
-            # Every step's loss is checked before anything is saved after it (one host sync per step).
-            host = check(step, metrics)
-            logger.advance()
-            window_tokens += host["tokens"]
-            window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                host["tokens_per_s"] = window_tokens / elapsed
-                host["mfu"] = window_flops / elapsed / (n_dev * cfg.train.peak_tflops * 1e12)
-                logger.log(step, host)
-                last = host
-                window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
-            if cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0:
-                logger.log(step, trainer.evaluate(state), prefix="eval_")
+            settle()  # the previous step
+            pending.append((step, metrics, n_images))
             halt = stop["signal"] or step == stop_at
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps or halt:
+            evaluate = bool(cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0)
+            save = step % cfg.train.checkpoint_every == 0 or step == total_steps or halt
+            if save or evaluate or halt or step % cfg.train.log_every == 0:
+                settle()  # this step
+            if evaluate:
+                logger.log(step, trainer.evaluate(state), prefix="eval_")
+            if save:
                 trainer.save(state, step, data_iter)
             if halt:
                 log.warning("stopping at step %d (%s), checkpoint saved", step,
