@@ -1,0 +1,38 @@
+"""The MFU formula's parameter counts agree with the HF models (meta device: nothing allocated)."""
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from oq2vl_jax.flops import llm_matmul_params, train_step_flops, vision_forward_flops_per_image
+from oq2vl_jax.models import ModelConfig
+
+
+def _matmul_params(module, skip=("norm", "bias")):
+    return sum(p.numel() for n, p in module.named_parameters() if not any(s in n for s in skip))
+
+
+def test_llm_matmul_params_are_hf_weights_without_norms_and_biases():
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                          tie_word_embeddings=True))
+    assert llm_matmul_params(ModelConfig()) == _matmul_params(hf) == 1_543_569_408
+
+
+def test_vision_flops_count_the_layers_that_run():
+    with torch.device("meta"):
+        hf = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                  num_attention_heads=16, image_size=384, patch_size=14,
+                                                  vision_use_head=False))
+    per_layer = _matmul_params(hf.encoder.layers[0])
+    patch = hf.embeddings.patch_embedding.weight.numel()
+    p, d, layers = 729, 1152, 26  # second-to-last block: 26 of 27 layers run
+    expected = 2 * p * (layers * per_layer + patch) + 4 * layers * p * p * d
+    assert vision_forward_flops_per_image(ModelConfig()) == expected
+
+
+def test_step_flops_scale_with_rows_and_images():
+    cfg = ModelConfig()
+    one = train_step_flops(cfg, 1, 4096, 0)
+    assert train_step_flops(cfg, 2, 4096, 0) == 2 * one
+    assert train_step_flops(cfg, 1, 4096, 22) > one
