@@ -209,7 +209,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
-    data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process, sources, shuffle=True))
+    # The loader yields one micro-batch at a time (bounded host memory: a whole step of 256 rows x 27
+    # images would be gigabytes); a step stacks `micro_batches` of them.
+    micro = cfg.train.micro_batches
+    data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
     state, step = trainer.initial_state(data_iter)
     total_steps = cfg.train.steps
     logger = MetricsLogger(workdir, total_steps, step, enabled=main_process)
@@ -254,16 +257,17 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
 
     try:
         while step < total_steps:
-            local = next(data_iter)  # host work overlaps the step in flight
+            parts = [next(data_iter) for _ in range(micro)]  # host work overlaps the step in flight
+            local = parts[0] if micro == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             if shardings is None:
                 example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
-                example = {k: v.reshape((cfg.train.micro_batches, -1) + v.shape[1:]) for k, v in example.items()}
+                example = {k: v.reshape((micro, -1) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
             if cfg.model.attention == "cudnn" and int(local["segment_ids"].max()) > cfg.model.max_segments:
                 # The cuDNN packed layout has max_segments slots per row; more would be dropped silently.
                 raise ConfigError(f"a row holds {int(local['segment_ids'].max())} samples > model.max_segments="
                                   f"{cfg.model.max_segments}; raise it or pack fewer samples per row")
-            batch = to_global(local, shardings, cfg.train.micro_batches)
+            batch = to_global(local, shardings, micro)
             n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
             state, metrics = trainer.train_step(state, batch)
             step += 1
