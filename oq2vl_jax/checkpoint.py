@@ -94,7 +94,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params, opt_state=None, d
 
     `data_iter` is restored in place (Grain sets its state); the returned dict holds the rest.
     """
-    items = {PARAMS: ocp.args.StandardRestore(params)}
+    items = {} if params is None else {PARAMS: ocp.args.StandardRestore(params)}
     if opt_state is not None:
         items[OPT_STATE] = ocp.args.StandardRestore(opt_state)
     if meta:

@@ -81,7 +81,32 @@ def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
         sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
         max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
         num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode, image_dtype=cfg.data.image_dtype,
+        image_tokens=cfg.model.image_tokens,
     )
+
+
+def check_segments(cfg: Config) -> None:
+    """The cuDNN packed layout has model.max_segments slots per row; more would be dropped silently.
+    Checked from the packer's stats at start-up, identically on every host."""
+    if cfg.model.attention != "cudnn":
+        return
+    from oq2vl_jax.data.loader import pack_stats
+
+    paths = [s.path for s in cfg.data.sources] + ([cfg.data.eval_source] if cfg.data.eval_source else [])
+    for path in paths:
+        most = (pack_stats(path) or {}).get("max_samples_in_row", 0)
+        if most > cfg.model.max_segments:
+            raise ConfigError(f"{path} has rows of up to {most} samples > model.max_segments="
+                              f"{cfg.model.max_segments}; raise it or repack with --max-samples-per-row")
+
+
+def agreed(flag: bool) -> bool:
+    """True on every process if it is true on any (a stop must be taken by all hosts at one step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 MODEL_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "images")
@@ -155,6 +180,11 @@ class Trainer:
         """(state, step): the latest checkpoint in the workdir, else init_from, else random."""
         step = self.mngr.latest_step()
         if step is not None:
+            saved = ckpt.restore(self.mngr, step, params=None, meta=True)[ckpt.META].get("data")
+            if data_iter is not None and saved is not None and saved != self.data_layout():
+                raise ConfigError(f"{ckpt.checkpoint_dir(self.workdir)}/{step} was saved reading the data as "
+                                  f"{saved}; this run reads it as {self.data_layout()} (global batch, "
+                                  f"micro-batches, processes and sources must match to resume exactly)")
             got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
                                opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
             train, frozen = split_params(ckpt.flatten(got[ckpt.PARAMS]), self.cfg)
@@ -169,8 +199,13 @@ class Trainer:
         model = build_sharded(self.cfg.model, self.mesh, seed=self.cfg.train.seed)
         return self._with_fresh_opt(flat_params(model)), 0
 
+    def data_layout(self) -> dict:
+        """What the saved data-iterator position means; a resume must read the data the same way."""
+        return {"micro_batch_rows": self.cfg.data.global_batch_size // self.cfg.train.micro_batches,
+                "process_count": jax.process_count(), "sources": [s.path for s in self.cfg.data.sources]}
+
     def save(self, state: dict, step: int, data_iter) -> None:
-        meta = {"step": step, "seed": self.cfg.train.seed}
+        meta = {"step": step, "seed": self.cfg.train.seed, "data": self.data_layout()}
         ckpt.save(self.mngr, step, params=all_params(state), opt_state=state["opt_state"], meta=meta,
                   data_iter=data_iter)
 
@@ -194,8 +229,8 @@ class Trainer:
 
 
 def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
-    """Trains to cfg.train.steps (or until SIGTERM, or `stop_at` steps for a time-boxed job: saves and
-    returns there, the schedule unchanged); returns the last logged metrics."""
+    """Trains to cfg.train.steps (or until SIGTERM, or for `stop_at` more steps in a time-boxed job:
+    saves and returns there, the schedule unchanged); returns the last logged metrics."""
     from oq2vl_jax.data.loader import make_train_iterator
 
     os.makedirs(workdir, exist_ok=True)
@@ -206,6 +241,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: nothing to train on")
     check_tokenizer(cfg)
+    check_segments(cfg)
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
@@ -214,6 +250,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     micro = cfg.train.micro_batches
     data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
     state, step = trainer.initial_state(data_iter)
+    start_step = step
     total_steps = cfg.train.steps
     logger = MetricsLogger(workdir, total_steps, step, enabled=main_process)
 
@@ -263,8 +300,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
                 example = {k: v.reshape((micro, -1) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
-            if cfg.model.attention == "cudnn" and int(local["segment_ids"].max()) > cfg.model.max_segments:
-                # The cuDNN packed layout has max_segments slots per row; more would be dropped silently.
+            if (cfg.model.attention == "cudnn" and jax.process_count() == 1
+                    and int(local["segment_ids"].max()) > cfg.model.max_segments):  # sources without stats
                 raise ConfigError(f"a row holds {int(local['segment_ids'].max())} samples > model.max_segments="
                                   f"{cfg.model.max_segments}; raise it or pack fewer samples per row")
             batch = to_global(local, shardings, micro)
@@ -273,7 +310,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             step += 1
             settle()  # the previous step
             pending.append((step, metrics, n_images))
-            halt = stop["signal"] or step == stop_at
+            by_signal = agreed(bool(stop["signal"]))  # SIGTERM on any host stops all at this step
+            halt = by_signal or (stop_at is not None and step - start_step >= stop_at)
             evaluate = bool(cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0)
             save = step % cfg.train.checkpoint_every == 0 or step == total_steps or halt
             if save or evaluate or halt or step % cfg.train.log_every == 0:
@@ -283,8 +321,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             if save:
                 trainer.save(state, step, data_iter)
             if halt:
-                log.warning("stopping at step %d (%s), checkpoint saved", step,
-                            f"signal {stop['signal']}" if stop["signal"] else "stop_at")
+                log.warning("stopping at step %d (%s), checkpoint saved", step, "SIGTERM" if by_signal else "--stop-at")
                 break
     finally:
         trainer.mngr.wait_until_finished()
@@ -299,7 +336,7 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--stop-at", type=int, default=None,
-                   help="save and exit after this many steps (time-boxed jobs); resume later")
+                   help="save and exit after this many more steps (time-boxed jobs); the same command resumes")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", action="extend",
                    help="config overrides, e.g. --set optim.lr=3e-5 train.steps=100")
     return p.parse_args(argv)

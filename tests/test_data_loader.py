@@ -122,6 +122,8 @@ def test_config_mismatch_errors(data):
     d, _ = data
     with pytest.raises(ValueError, match="max_images"):
         make_train_iterator(_cfg(d, max_images=2), process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="image_tokens=9"):
+        make_train_iterator(_cfg(d, image_tokens=9), process_index=0, process_count=1)
     with pytest.raises(ValueError, match="seq_len"):
         make_train_iterator(_cfg(d, seq_len=32), process_index=0, process_count=1)
     with pytest.raises(FileNotFoundError):

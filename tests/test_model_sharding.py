@@ -100,3 +100,47 @@ def test_masks():
     np.testing.assert_array_equal(iso, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     cross = np.asarray(make_mask(seg, causal=True, cross_segment=True))[0]
     np.testing.assert_array_equal(cross, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+def test_cudnn_packed_wrapper_against_an_emulated_kernel(monkeypatch):
+    """No GPU here: replace jax's cuDNN call by a reference of its packed-layout contract (segments
+    given by seqlens/offsets, causal inside each, undefined output on padding) and check that our
+    wrapper's arguments make it equal the XLA path in values and gradients, GQA included."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    from oq2vl_jax.models import attention as attn_mod
+    from oq2vl_jax.models.attention import xla_attention
+
+    def fake_cudnn(q, k, v, bias, mask, q_seqlen, kv_seqlen, q_offsets, kv_offsets, *, scale, mask_type, qkv_layout):
+        assert bias is None and mask is None and qkv_layout == "BTNH" and mask_type == fas.MaskType.PADDING_CAUSAL
+        assert k.shape[2] == q.shape[2], "k/v must have as many heads as q (jax's offset stride)"
+        t = jnp.arange(q.shape[1])
+        starts, lens = q_offsets[:, :-1, None], q_seqlen[:, :, None]
+        member = (lens > 0) & (t >= starts) & (t < starts + lens)  # [B, M, T]
+        seg = jnp.where(member.any(1), jnp.argmax(member, 1) + 1, 0)
+        m = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & (t[:, None] >= t[None, :])
+        out = xla_attention(q, k, v, m, scale)
+        return jnp.where((seg > 0)[:, :, None, None], out, jnp.nan)  # padding: undefined
+
+    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn)
+    monkeypatch.setattr(attn_mod, "_cudnn_unavailable_reason", lambda dtype: None)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0, 0], [1] * 7 + [2] * 5], jnp.int32)
+    w = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32) * (seg != 0)[:, :, None, None]
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, seg, causal=True, impl=impl, max_segments=4) * w)
+
+    for impl in ("xla", "cudnn"):
+        out = attention(q, k, v, seg, causal=True, impl=impl, max_segments=4)
+        assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(attention(q, k, v, seg, causal=True, impl="cudnn", max_segments=4) * (seg != 0)[..., None, None],
+                               attention(q, k, v, seg, causal=True, impl="xla") * (seg != 0)[..., None, None], atol=1e-6)
+    g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    g_cud = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_cud, g_ref):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -91,7 +91,7 @@ def test_resume_on_fewer_devices_continues_the_run(demo, reference, tmp_path):
     from oq2vl_jax.train import run
 
     run(tiny(demo, *STEPS), str(tmp_path), stop_at=4)  # saved at step 4 from 8 devices
-    run(tiny(demo, *STEPS, "mesh.fsdp=4"), str(tmp_path), stop_at=8)  # resumed on 4 devices
+    run(tiny(demo, *STEPS, "mesh.fsdp=4"), str(tmp_path), stop_at=4)  # resumed on 4 devices: 4 more
     got, ref = metrics(tmp_path), metrics(reference)
     assert sorted(got) == list(range(1, 9))
     for s in range(5, 9):
@@ -215,6 +215,18 @@ def test_config_errors_are_named(demo, tmp_path, capsys):
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", f"tokenizer={demo}/tokenizer",
                  "data.sources=[{path: /no/such/data}]"]) == 2
     assert "/no/such/data" in capsys.readouterr().err
+    # cuDNN's packed layout would drop samples past max_segments: refused from the packer's stats.
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "model.attention=cudnn",
+                 "model.max_segments=4"]) == 2
+    assert "model.max_segments=4" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_different_data_layout(demo, tmp_path):
+    from oq2vl_jax.train import run
+
+    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
+    with pytest.raises(ConfigError, match="micro_batch_rows"):
+        run(tiny(demo, *STEPS, "data.global_batch_size=32"), str(tmp_path))
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):

@@ -46,6 +46,7 @@ class LoaderConfig:
     read_threads: int = 4  # per process (or per worker) decode threads
     worker_buffer_size: int = 2  # batches buffered per worker
     image_dtype: str = "float32"  # "float32" (normalised here) | "uint8" (normalised on the device)
+    image_tokens: int | None = None  # the model's tokens per image; checked against the packed data
 
     def __post_init__(self):
         if self.image_dtype not in ("float32", "uint8"):
@@ -71,7 +72,8 @@ def resolve_source(path: str) -> list[str]:
     return files
 
 
-def _pack_stats(path: str) -> dict | None:
+def pack_stats(path: str) -> dict | None:
+    """The stats.json written by the packer beside a source's shards, if any."""
     d = path if os.path.isdir(path) else os.path.dirname(path)
     p = os.path.join(d, "stats.json")
     if os.path.exists(p):
@@ -82,9 +84,12 @@ def _pack_stats(path: str) -> dict | None:
 
 def _check_source(cfg: LoaderConfig, path: str) -> None:
     """Fails early with a clear message when packing settings and loader settings disagree."""
-    st = _pack_stats(path)
+    st = pack_stats(path)
     if st is None:
         return
+    if cfg.image_tokens is not None and st["mode"] != "text" and st["image_tokens"] != cfg.image_tokens:
+        raise ValueError(f"{path}: packed with {st['image_tokens']} placeholder tokens per image, the model "
+                         f"takes image_tokens={cfg.image_tokens}; repack with --image-tokens {cfg.image_tokens}")
     if st["seq_len"] != cfg.seq_len:
         raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
     if st["mode"] != "text" and st["image_size"] != cfg.image_size:

@@ -99,13 +99,22 @@ def _cudnn_attention(q, k, v, segment_ids, *, causal, cross_segment, max_segment
             q, k, v, scale=scale, is_causal=True, query_seq_lengths=lens,
             key_value_seq_lengths=lens, implementation="cudnn",
         )
+    # jax's packed layout scales the k/v offsets by the *query* head stride (fixed upstream in jax PR
+    # #39521, after 0.10.2), so grouped-query k/v would be read from the wrong tokens: give k/v as
+    # many heads as q.
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    # Padding tokens belong to no segment, so cuDNN leaves their outputs and input gradients
+    # undefined: select them away in both directions (a select, unlike a product, stops a NaN).
+    valid = (segment_ids != 0)[:, :, None, None]
+    q, k, v = (jnp.where(valid, x, jax.lax.stop_gradient(x)) for x in (q, k, v))
     seqlens, offsets = packed_seqlens_offsets(segment_ids, max_segments)
     out = cudnn_sdpa(
         q, k, v, None, None, seqlens, seqlens, offsets, offsets,
         scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
     )
-    # Padding tokens belong to no segment; cuDNN leaves them undefined. Zero them.
-    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+    return jnp.where(valid, out, 0).astype(q.dtype)
 
 
 def attention(

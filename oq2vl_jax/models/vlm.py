@@ -70,7 +70,8 @@ def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, 
 
     @jax.checkpoint
     def chunk_loss(h_c, t_c, w_c):
-        return jnp.sum(_nll(jnp.dot(h_c.astype(out_matrix.dtype), out_matrix), t_c) * w_c)
+        logits = jnp.dot(h_c.astype(out_matrix.dtype), out_matrix, preferred_element_type=jnp.float32)
+        return jnp.sum(_nll(logits, t_c) * w_c)
 
     def body(total, xs):
         return total + chunk_loss(*xs), None
