@@ -292,13 +292,20 @@ def test_export_reads_a_checkpoint_saved_from_a_sharded_mesh(tmp_path, tokenizer
     sharded = {p: jax.device_put(np.asarray(v, np.float32), shardings[p]) for p, v in checkpoint.flatten(nested).items()}
     assert any(len(a.sharding.device_set) == 8 for a in sharded.values())
     run = str(tmp_path / "run")
-    checkpoint.save_config(run, cfg)
+    # A training run names a stock (unprepared) tokenizer directory, as configs/tiny.yaml does.
+    checkpoint.save_config(run, dataclasses.replace(cfg, tokenizer=tokenizer_dir))
     mngr = checkpoint.make_manager(run, async_save=False)
     checkpoint.save(mngr, 7, params=checkpoint.nest(sharded))
     mngr.wait_until_finished()
     mngr.close()
     out = _export(tmp_path, run, "qwen2", "--step", "7")
     _assert_same_tensors(_read_safetensors_dir(out), _read_safetensors_dir(ldir))
+    # The export carries the tokenizer as training prepared it: "<s>" is one special token, the bos.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.bos_token == "<s>" and tok("<s>")["input_ids"] == [tok.bos_token_id]
+    assert len(tok("<|endofchunk|>")["input_ids"]) == 1
 
 
 # -- bad inputs ----------------------------------------------------------------------------------------

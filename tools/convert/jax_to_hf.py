@@ -215,12 +215,6 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def _copy_tokenizer(src: str, out: str) -> None:
-    for name in os.listdir(src):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(out, name))
-
-
 def export(args) -> str:
     from oq2vl_jax.data.tokenizer import IMAGE_PAD, load_tokenizer, special_ids
 
@@ -231,7 +225,8 @@ def export(args) -> str:
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         raise ExportError(f"tokenizer directory {tokenizer_dir!r} not found (set `tokenizer` in the checkpoint's "
                           "config.yaml or pass --tokenizer)")
-    ids = special_ids(load_tokenizer(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)  # prepared as in training: <s> as bos, <|endofchunk|>, image pad
+    ids = special_ids(tokenizer)
     if ids.image != m.image_token_id and args.format != "qwen2":
         raise ExportError(f"the tokenizer's {IMAGE_PAD} is id {ids.image} but the model's image_token_id is "
                           f"{m.image_token_id}")
@@ -249,7 +244,9 @@ def export(args) -> str:
     os.makedirs(out, exist_ok=True)
     write_safetensors(sd, out, parse_size(args.max_shard_size))
     del sd, flat
-    _copy_tokenizer(tokenizer_dir, out)
+    # The prepared tokenizer, not the raw files: a run's `tokenizer` may be a stock one whose `<s>`
+    # is not yet a special token, and HF users must tokenize prompts as training did.
+    tokenizer.save_pretrained(out)
     _write_json(os.path.join(out, "generation_config.json"), generation_config(ids))
     if args.format == "qwen2":
         _write_json(os.path.join(out, "config.json"), qwen2_config(m, ids, dtype))
