@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oq2vl_jax.data.images import normalize, squash
 from oq2vl_jax.models.cache import KVCache
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
@@ -273,8 +274,7 @@ def load_image(image, size: int) -> np.ndarray:
         im = Image.fromarray(image).convert("RGB")
     else:
         im = image.convert("RGB")
-    px = np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.float32)
-    return (px / 255.0 - 0.5) / 0.5
+    return normalize(np.asarray(squash(im, size)))
 
 
 def _with_image_tags(prompt: str, n_images: int) -> str:

@@ -30,7 +30,7 @@ from oq2vl_jax.flops import train_step_flops
 from oq2vl_jax.metrics import MetricsLogger
 from oq2vl_jax.models import build_abstract, build_sharded, flat_params
 from oq2vl_jax.sharding import make_mesh, use_mesh
-from oq2vl_jax.train_step import (all_params, batch_shardings, make_steps, optimizer, split_params,
+from oq2vl_jax.train_step import (MODEL_KEYS, all_params, batch_shardings, make_steps, optimizer, split_params,
                                   state_shardings)
 
 log = logging.getLogger("oq2vl_jax.train")
@@ -109,14 +109,11 @@ def agreed(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-MODEL_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "images")
-
-
 def to_global(local: dict, shardings: dict, micro: int | None) -> dict:
     """Per-process numpy batch -> global jax arrays; with `micro`, rows are split into micro-batches."""
     out = {}
     n_proc = jax.process_count()
-    for k in MODEL_BATCH_KEYS:
+    for k in MODEL_KEYS:
         x = np.asarray(local[k])
         if micro is not None:
             x = x.reshape((micro, x.shape[0] // micro) + x.shape[1:])
@@ -222,7 +219,7 @@ class Trainer:
             if i >= cfg.train.eval_batches:
                 break
             if example is None:
-                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}, False)
+                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_KEYS}, False)
             out = jax.device_get(self.eval_step(state, to_global(local, example, None)))
             total, count = total + float(out["loss_sum"]), count + float(out["target_tokens"])
         return {"loss": total / max(count, 1.0), "target_tokens": count}
@@ -297,7 +294,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             parts = [next(data_iter) for _ in range(micro)]  # host work overlaps the step in flight
             local = parts[0] if micro == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             if shardings is None:
-                example = {k: np.asarray(local[k]) for k in MODEL_BATCH_KEYS}
+                example = {k: np.asarray(local[k]) for k in MODEL_KEYS}
                 example = {k: v.reshape((micro, -1) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
             if (cfg.model.attention == "cudnn" and jax.process_count() == 1

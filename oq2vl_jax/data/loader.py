@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from oq2vl_jax.data.images import normalize
 from oq2vl_jax.data.records import decode_row
 
 MODES = ("packed", "unpacked_sft")
@@ -131,7 +132,7 @@ class RowDecoder:
                 px = np.asarray(im.convert("RGB"))
             if px.shape != (s, s, 3):
                 raise ValueError(f"stored image {i} is {px.shape[:2]}, loader image_size={s}")
-            images[i] = px if self.uint8 else px.astype(np.float32) * (2.0 / 255.0) - 1.0  # (x/255-0.5)/0.5
+            images[i] = px if self.uint8 else normalize(px)
         image_seg = np.zeros(self.max_images, np.int32)
         image_seg[:n_img] = row["image_segment_ids"]
         return {

@@ -12,6 +12,7 @@ import os
 import re
 import tarfile
 
+from oq2vl_jax.data.images import squash
 from oq2vl_jax.data.samples import SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -173,7 +174,7 @@ def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95) 
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im = squash(im, size)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
     out = io.BytesIO()

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from oq2vl_jax.data.images import normalize
 from oq2vl_jax.models.config import ModelConfig
 from oq2vl_jax.models.layers import dtype_of
 from oq2vl_jax.models.projector import MultiModalProjector
@@ -108,7 +109,7 @@ class OQ2VL(nnx.Module):
         if images is None or images.shape[1] == 0:  # text-only batch
             return text
         if images.dtype == jnp.uint8:  # raw pixels from the loader: normalise on the device
-            images = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0  # (x/255 - 0.5) / 0.5
+            images = normalize(images)
         b, m = images.shape[:2]
         img = self.image_features(images.reshape((b * m,) + images.shape[2:]))
         return splice_image_embeddings(input_ids, text, img.reshape(b, -1, img.shape[-1]),
