@@ -83,6 +83,24 @@ def test_save_restore_reproduces_batches(data, workers):
         getattr(i, "close", lambda: None)()
 
 
+def test_batches_do_not_depend_on_the_number_of_workers(data):
+    """Workers get whole batches: the train stream is the same for any num_workers, and the eval pass
+    keeps every row even when there are fewer batches than workers."""
+    d, cap = data
+    streams = []
+    for workers in (0, 3):
+        it = make_train_iterator(_cfg(d, num_workers=workers, batch_size=3), process_index=0, process_count=1)
+        streams.append([next(it) for _ in range(5)])
+        getattr(it, "close", lambda: None)()
+    for a, b in zip(*streams):
+        _same(a, b)
+    for workers in (0, 2, 8):
+        batches = list(make_eval_iterator(_cfg(d, num_workers=workers, batch_size=cap["rows"] // 2),
+                                          process_index=0, process_count=1))
+        assert len(batches) == 2, workers
+        assert sum(int(b["segment_ids"][i].any()) for b in batches for i in range(len(b["segment_ids"]))) == cap["rows"]
+
+
 def test_processes_see_disjoint_rows(data):
     d, cap = data
     rows = cap["rows"]

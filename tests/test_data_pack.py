@@ -96,6 +96,8 @@ def test_corrupt_caption_samples_are_counted(demo, tmp_path):
         ("noimg.txt", b"a red square"),
         ("badjson.png", good), ("badjson.json", b"{not json"),
         ("pad.png", good), ("pad.txt", b"sneaky <|image_pad|> token"),
+        ("_under.png", good), ("_under.txt", b"a red square"),  # a sample like any other
+        ("._ok.png", b"\x00\x05\x16\x07"),  # a macOS resource fork: not a sample
     ])
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(os.urandom(5000))
@@ -109,10 +111,10 @@ def test_corrupt_caption_samples_are_counted(demo, tmp_path):
     for reason in ("corrupt_image", "empty_caption", "missing_caption", "bad_utf8", "too_long",
                    "missing_image", "bad_json", "image_token_in_text"):
         assert sk.get(reason, 0) >= 1, reason
-    assert stats["units"]["bad"] == {"samples_in": 10, "samples_packed": 2, "skipped": {
+    assert stats["units"]["bad"] == {"samples_in": 11, "samples_packed": 3, "skipped": {
         "bad_json": 1, "bad_utf8": 1, "corrupt_image": 1, "empty_caption": 1, "image_token_in_text": 1,
         "missing_caption": 1, "missing_image": 1, "too_long": 1}, "rows": 1,
-        "real_tokens": stats["units"]["bad"]["real_tokens"], "images": 2}
+        "real_tokens": stats["units"]["bad"]["real_tokens"], "images": 3}
     assert stats["units"]["trunc"]["samples_packed"] > 0  # the readable part is kept
     assert stats["units"]["garbage"]["samples_in"] == 0
     assert stats["samples_in"] == stats["samples_packed"] + sum(sk.values())
@@ -173,13 +175,17 @@ def test_deterministic_rerun_skips_done_and_workers_match(demo, tmp_path):
     s2 = pack.run(_cfg(demo, tmp_path / "a"), shards, log=logs.append)
     assert all("reused" in m for m in logs[:-1]) and os.stat(out).st_mtime_ns == mtime
     assert {k: v for k, v in s1.items()} == s2
-    # Changing a setting redoes the work; a parallel run into a fresh dir gives identical bytes.
-    s3 = pack.run(_cfg(demo, tmp_path / "a", image_format="png"), shards[:1], log=logs.append)
-    assert "packed" in logs[-2] and s3["image_format"] == "png"
+    first = {n: (tmp_path / "a" / f"{n}.array_record").read_bytes() for n in ("00001", "00002")}
+    # A parallel run into a fresh dir gives identical bytes.
     pack.run(_cfg(demo, tmp_path / "b"), shards, workers=2, log=lambda m: None)
-    for name in ("00001", "00002"):
-        assert (tmp_path / "a" / f"{name}.array_record").read_bytes() == \
-               (tmp_path / "b" / f"{name}.array_record").read_bytes()
+    for name, data in first.items():
+        assert (tmp_path / "b" / f"{name}.array_record").read_bytes() == data
+    # Changing a setting redoes the work; outputs of units no longer in the run are removed.
+    logs.clear()
+    s3 = pack.run(_cfg(demo, tmp_path / "a", image_format="png"), shards[:1], log=logs.append)
+    assert "00000: packed" in logs[0] and s3["image_format"] == "png"
+    assert sum(m.startswith("removed 0000") for m in logs) == 4  # rows + stats of 00001 and 00002
+    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".array_record")) == ["00000.array_record"]
 
 
 def test_window_and_cli(demo, tmp_path):
@@ -189,5 +195,13 @@ def test_window_and_cli(demo, tmp_path):
     assert rc == 0
     stats = json.load(open(tmp_path / "stats.json"))
     assert list(stats["units"]) == ["window-00000-3"] and stats["samples_packed"] == 96
+    # Repacking the same folder per shard: the loader reads exactly this run's rows, not the window's too.
+    from oq2vl_jax.data.loader import resolve_source
+
+    again = pack.run(_cfg(demo, tmp_path), _shards(demo), log=lambda m: None)
+    files = resolve_source(str(tmp_path))
+    assert [os.path.basename(f) for f in files] == ["00000.array_record", "00001.array_record", "00002.array_record"]
+    assert sum(len(_rows(f)) for f in files) == again["rows"]
+    assert not os.path.exists(tmp_path / "window-00000-3.array_record")
     with pytest.raises(FileNotFoundError, match="matched no file"):
         pack.main(["--input", str(tmp_path / "nothing-*.tar"), "--tokenizer", "x", "--out", str(tmp_path)])

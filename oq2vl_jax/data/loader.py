@@ -7,8 +7,8 @@ share a row and the global batch is the same whatever P is (a run on 2 hosts of 
 the batches of a run on 1 host of 8). Everything before batching is index based, so the iterator
 state is a few integers and a restored iterator yields exactly the batches the uninterrupted one would.
 Decoding (record + JPEG/PNG → float32 in [-1, 1]) is a Grain ``map``, run in ``num_workers`` worker
-processes via ``mp_prefetch`` (threads when num_workers=0). Keep ``num_workers`` fixed across a resume:
-each worker batches its own slice, so the batch order depends on it.
+processes via ``mp_prefetch`` (threads when num_workers=0). Rows are batched before the workers, so
+the batches do not depend on ``num_workers`` (the iterator state's form does: a resume must keep it).
 
 Batches (B = batch_size per process, L = seq_len, M = max_images):
   input_ids, segment_ids, positions, loss_mask: int32[B, L]
@@ -62,8 +62,16 @@ class LoaderConfig:
 
 
 def resolve_source(path: str) -> list[str]:
-    """A directory (all ``*.array_record`` inside, recursively) or a glob; sorted for determinism."""
-    if os.path.isdir(path):
+    """The row files of a source, sorted for determinism: a packer output directory (exactly the
+    units its stats.json lists), another directory (all ``*.array_record`` inside, recursively) or
+    a glob."""
+    units = (pack_stats(path) or {}).get("units") if os.path.isdir(path) else None
+    if units is not None:
+        files = [os.path.join(path, name + ".array_record") for name, u in units.items() if u["rows"]]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"data source {path!r}: stats.json lists {missing[0]}, which is missing")
+    elif os.path.isdir(path):
         files = glob.glob(os.path.join(path, "**", "*.array_record"), recursive=True)
     else:
         files = glob.glob(path)
@@ -95,8 +103,9 @@ def _check_source(cfg: LoaderConfig, path: str) -> None:
         raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
     if st["mode"] != "text" and st["image_size"] != cfg.image_size:
         raise ValueError(f"{path}: images stored at {st['image_size']}px, loader image_size={cfg.image_size}")
-    if st["max_images"] > cfg.max_images:
-        raise ValueError(f"{path}: packed with up to {st['max_images']} images per row (pack --max-images), "
+    most = st.get("max_images_in_row", st["max_images"])  # what the rows hold, not the packer's cap
+    if most > cfg.max_images:
+        raise ValueError(f"{path}: has rows of {most} images (pack cap --max-images {st['max_images']}), "
                          f"loader max_images={cfg.max_images}; raise max_images or repack with a lower cap")
     if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
         raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
@@ -189,9 +198,11 @@ class _Take:
 def _finish(cfg: LoaderConfig, ds, drop_remainder: bool):
     import grain
 
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=max(2 * cfg.batch_size, 8)))
+    # Batch while still index based: an element is then a whole batch, so worker w of W builds batches
+    # w, w+W, ... and the stream is the same for every W (batching after the workers would have each
+    # worker batch its own every-W-th rows, dropping each worker's remainder).
     ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=8))
     if cfg.num_workers > 0:
         from absl import flags
 
@@ -216,7 +227,9 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
         _check_source(cfg, path)
         ds = _source(path)
         if cfg.shuffle:
-            ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + k) % 2**32)  # distinct stream per source
+            # A distinct stream per source; k is spaced widely because Grain reshuffles epoch e with
+            # seed + e, and seed + k would make source k's epoch e+1 source k+1's epoch e.
+            ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + k * 1_000_000_007) % 2**32)
         parts.append(ds.repeat(None))
         weights.append(float(weight))
     if not parts:

@@ -296,6 +296,16 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
     }
 
 
+def _remove_stale(out: str, names: set[str], log) -> None:
+    """Deletes unit outputs of earlier runs into `out` that this run's units do not include (other
+    inputs or another --window); left there, the loader would read their rows as well."""
+    for f in sorted(os.listdir(out)):
+        for suffix in (".array_record", ".stats.json"):
+            if f.endswith(suffix) and f != "stats.json" and f[: -len(suffix)] not in names:
+                os.remove(os.path.join(out, f))
+                log(f"removed {f}: output of an earlier run, not a unit of this one")
+
+
 def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, log=print) -> dict:
     """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json."""
     if cfg.mode not in MODES:
@@ -325,6 +335,7 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
         if pool is not None:
             pool.close()
             pool.join()
+    _remove_stale(cfg.out, {u.name for u in units}, log)
     stats = summarize(cfg, results)
     with open(os.path.join(cfg.out, "stats.json.tmp"), "w") as f:
         json.dump(stats, f, indent=1)

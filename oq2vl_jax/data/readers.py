@@ -72,7 +72,10 @@ def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
-                if not ext or os.path.basename(key).startswith((".", "_")):
+                # Hidden files (e.g. macOS "._x.jpg" resource forks) and WebDataset "__x__" metadata
+                # are not samples; a key that merely starts with "_" is one.
+                base = os.path.basename(member.name)
+                if not ext or base.startswith(".") or (base.startswith("__") and base.split(".")[0].endswith("__")):
                     continue
                 f = tf.extractfile(member)
                 groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
