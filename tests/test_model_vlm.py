@@ -29,6 +29,20 @@ def test_pool_matches_torch_adaptive_avg_pool2d(n, m):
     np.testing.assert_allclose(np.asarray(adaptive_avg_pool(x, m)), ref, atol=1e-6, rtol=0)
 
 
+def test_bf16_pool_is_unbiased():
+    """bf16 features pool like torch's AdaptiveAvgPool2d on the same values (float32 accumulation),
+    rounded once to bf16: no systematic scale from bf16 bin weights (1/3 is not a bf16 number)."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, (2, 27 * 27, 8)), jnp.bfloat16)
+    ours = np.asarray(adaptive_avg_pool(x, 12).astype(jnp.float32))
+    xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).transpose(1, 2).reshape(2, 8, 27, 27)
+    ref = F.adaptive_avg_pool2d(xt, (12, 12)).reshape(2, 8, 144).transpose(1, 2).bfloat16().float().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=2 ** -7)  # one bf16 ulp apart at most (rounding)
+    assert abs(float(np.mean(ours / ref)) - 1) < 1e-4  # unbiased (bf16 weights gave 1.0039)
+    assert float(adaptive_avg_pool(jnp.ones((1, 729, 4), jnp.bfloat16), 12).max()) == 1.0
+
+
 class TorchVLM:
     """The reference forward; rows are lists of token ids, images in placeholder order."""
 
