@@ -3,7 +3,8 @@
     python bench/train_bench.py --config configs/pretrain.yaml --rows-per-device 2 --images-per-row 22
 
 Rows are packed like the real data: `images-per-row` samples of [<s>, 144 image tokens, caption],
-caption lengths filling the row to ~99%, segment ids and per-sample positions, random pixels. The
+caption lengths filling the row to ~99%, segment ids and per-sample positions, random pixels in the
+first `images-per-row` of the config's `data.max_images` slots (the rest empty, as in real rows). The
 step is the real `train_step` (frozen tower forward, projector + LLM forward/backward, AdamW), jitted
 with the configured mesh and donated state. MFU uses oq2vl_jax/flops.py (the formula is documented
 there: 6N per LLM token, causal attention over the whole row once, the frozen tower's forward).
@@ -68,8 +69,10 @@ def main(argv=None) -> int:
     n_dev = jax.device_count()
     rows = args.rows_per_device * n_dev * args.micro_batches
     overrides = [f"data.global_batch_size={rows}", f"train.micro_batches={args.micro_batches}",
-                 f"data.max_images={args.images_per_row}", "train.init_from=null", "tokenizer=null"] + args.set
+                 "train.init_from=null", "tokenizer=null"] + args.set
     cfg = load_config(args.config, overrides)
+    if cfg.data.max_images < args.images_per_row:  # the config's slots, the rest left empty as in real data
+        cfg = load_config(args.config, overrides + [f"data.max_images={args.images_per_row}"])
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="train_bench_"))
     state, _ = trainer.initial_state(data_iter=None)
     local = synthetic_rows(cfg, rows, args.images_per_row)
@@ -90,12 +93,14 @@ def main(argv=None) -> int:
     step_s = (time.perf_counter() - t0) / args.steps
 
     tokens = rows * cfg.data.seq_len
-    flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, rows * args.images_per_row)
+    flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, rows * args.images_per_row,
+                             vision_trained=trainer.vision_trained)
     stats = jax.local_devices()[0].memory_stats() or {}
     result = {
         "device": jax.devices()[0].device_kind, "devices": n_dev, "seq_len": cfg.data.seq_len,
         "rows_per_device": args.rows_per_device, "micro_batches": args.micro_batches,
-        "images_per_row": args.images_per_row, "image_tokens": cfg.model.image_tokens,
+        "images_per_row": args.images_per_row, "image_slots": cfg.data.max_images,
+        "vision_chunk_size": cfg.model.vision_chunk_size, "image_tokens": cfg.model.image_tokens,
         "attention": cfg.model.attention, "remat": cfg.model.remat, "dtype": cfg.model.dtype,
         "step_s": round(step_s, 4), "first_step_s": round(compile_s, 1),
         "tokens_per_s_per_device": round(tokens / step_s / n_dev, 1),

@@ -73,10 +73,18 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    # > 0: train this many passes over the one data source instead, steps = ceil(epochs x rows /
+    # global_batch_size) from the packer's stats.json (the original's epoch rule, spec section 6);
+    # the computed steps are written into the run's config.yaml.
+    epochs: float = 0.0
     micro_batches: int = 1  # gradient accumulation: micro-batches per optimiser step
-    # "tokens": mean over all target tokens of the step. "micro_batch_mean": mean of per-micro-batch
-    # means, as the original did (loss divided by accumulation steps).
+    # "tokens": mean over all target tokens of the step (every token weighs the same).
+    # "micro_batch_mean": the original's weighting (spec section 4): each GPU took the token mean of
+    # its own micro-batch of `loss_group_rows` rows, gradients were averaged over GPUs and divided by
+    # the accumulation steps; here: the mean over groups of `loss_group_rows` consecutive rows of each
+    # group's token mean, divided by micro_batches (independent of our own mesh).
     loss_reduction: Literal["tokens", "micro_batch_mean"] = "tokens"
+    loss_group_rows: int = 2  # the original's per-GPU batch (2 in its pre-training and SFT)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = never
@@ -89,8 +97,8 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per-device bf16 dense peak for MFU (H100 SXM)
 
     def __post_init__(self):
-        if self.steps < 1 or self.micro_batches < 1:
-            raise ValueError("steps and micro_batches must be >= 1")
+        if self.steps < 1 or self.micro_batches < 1 or self.loss_group_rows < 1 or self.epochs < 0:
+            raise ValueError("steps, micro_batches and loss_group_rows must be >= 1, epochs >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def batch_shards() -> int:
+    """How many ways the current mesh splits the batch (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = dict(LOGICAL_RULES)["batch"]
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def replicate(tree):
+    """Constrains every array of a pytree to be whole on every device (a no-op outside a mesh)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for an nnx.State (or abstract state) according to LOGICAL_RULES."""
     with nnx.logical_axis_rules(LOGICAL_RULES):

@@ -13,7 +13,9 @@ SLURM (several tasks) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCE
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -100,6 +102,25 @@ def check_segments(cfg: Config) -> None:
                               f"{cfg.model.max_segments}; raise it or repack with --max-samples-per-row")
 
 
+def resolve_steps(cfg: Config) -> Config:
+    """With train.epochs > 0, the config with train.steps computed from the one source's row count."""
+    if not cfg.train.epochs:
+        return cfg
+    from oq2vl_jax.data.loader import pack_stats
+
+    if len(cfg.data.sources) != 1:
+        raise ConfigError(f"train.epochs needs exactly one data source (got {len(cfg.data.sources)}); "
+                          "with mixed sources set train.steps")
+    path = cfg.data.sources[0].path
+    rows = (pack_stats(path) or {}).get("rows")
+    if not rows:
+        raise ConfigError(f"train.epochs: no row count in {path}/stats.json (written by oq2vl_jax.data.pack); "
+                          "set train.steps instead")
+    steps = math.ceil(cfg.train.epochs * rows / cfg.data.global_batch_size)
+    log.info("train.epochs=%g over %d rows of %s: %d steps", cfg.train.epochs, rows, path, steps)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(steps, 1)))
+
+
 def agreed(flag: bool) -> bool:
     """True on every process if it is true on any (a stop must be taken by all hosts at one step)."""
     if jax.process_count() == 1:
@@ -142,11 +163,15 @@ class Trainer:
             raise ConfigError(f"data.global_batch_size={d.global_batch_size} / train.micro_batches="
                               f"{cfg.train.micro_batches} = {rows_per_micro} rows per micro-batch do not split "
                               f"over mesh data x fsdp = {shards} devices")
+        if cfg.train.loss_reduction == "micro_batch_mean" and rows_per_micro % cfg.train.loss_group_rows:
+            raise ConfigError(f"train.loss_group_rows={cfg.train.loss_group_rows} does not divide the "
+                              f"{rows_per_micro} rows per micro-batch")
 
         self.graphdef, abstract = build_abstract(cfg.model, self.mesh)
         abs_flat = flat_params(abstract)
         self.param_shardings = {p: a.sharding for p, a in abs_flat.items()}
         abs_train, abs_frozen = split_params(abs_flat, cfg)
+        self.vision_trained = "vision_tower" in abs_train  # counts 3x (forward + backward) in MFU
         self.tx = optimizer(cfg, abs_train)
         abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_train, "frozen": abs_frozen,
                      "opt_state": jax.eval_shape(self.tx.init, abs_train)}
@@ -181,7 +206,8 @@ class Trainer:
             if data_iter is not None and saved is not None and saved != self.data_layout():
                 raise ConfigError(f"{ckpt.checkpoint_dir(self.workdir)}/{step} was saved reading the data as "
                                   f"{saved}; this run reads it as {self.data_layout()} (global batch, "
-                                  f"micro-batches, processes and sources must match to resume exactly)")
+                                  f"micro-batches, processes, sources, weights, seed and workers must match "
+                                  f"to resume exactly)")
             got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
                                opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
             train, frozen = split_params(ckpt.flatten(got[ckpt.PARAMS]), self.cfg)
@@ -198,8 +224,11 @@ class Trainer:
 
     def data_layout(self) -> dict:
         """What the saved data-iterator position means; a resume must read the data the same way."""
-        return {"micro_batch_rows": self.cfg.data.global_batch_size // self.cfg.train.micro_batches,
-                "process_count": jax.process_count(), "sources": [s.path for s in self.cfg.data.sources]}
+        d = self.cfg.data
+        return {"micro_batch_rows": d.global_batch_size // self.cfg.train.micro_batches,
+                "process_count": jax.process_count(), "sources": [s.path for s in d.sources],
+                "weights": [s.weight for s in d.sources], "seed": d.seed,
+                "num_workers": d.num_workers}  # the saved iterator state's form depends on it
 
     def save(self, state: dict, step: int, data_iter) -> None:
         meta = {"step": step, "seed": self.cfg.train.seed, "data": self.data_layout()}
@@ -230,13 +259,14 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     saves and returns there, the schedule unchanged); returns the last logged metrics."""
     from oq2vl_jax.data.loader import make_train_iterator
 
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: nothing to train on")
+    cfg = resolve_steps(cfg)
     os.makedirs(workdir, exist_ok=True)
     main_process = jax.process_index() == 0
     if main_process:
         with open(os.path.join(workdir, ckpt.CONFIG_FILE), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    if not cfg.data.sources:
-        raise ConfigError("data.sources is empty: nothing to train on")
     check_tokenizer(cfg)
     check_segments(cfg)
 
@@ -279,7 +309,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             host = check(s, metrics)
             logger.advance()
             window_tokens += host["tokens"]
-            window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images)
+            window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images,
+                                             vision_trained=trainer.vision_trained)
             if s % cfg.train.log_every == 0 or s == total_steps:
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_s"] = window_tokens / elapsed

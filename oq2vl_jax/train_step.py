@@ -78,15 +78,22 @@ def make_steps(graphdef, cfg: Config, tx):
     n_micro = cfg.train.micro_batches
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
 
-    def losses(trainable, frozen, batch):
+    group = cfg.train.loss_group_rows
+
+    def row_losses(trainable, frozen, batch):
         model = nnx.merge(graphdef, nest({**flatten(trainable), **flatten(frozen)}, str_keys=False))
-        return model.loss({k: batch[k] for k in MODEL_KEYS if k in batch})
+        return model.row_losses({k: batch[k] for k in MODEL_KEYS if k in batch})
 
     def objective(trainable, frozen, batch):
-        total, count = losses(trainable, frozen, batch)
+        sums, counts = row_losses(trainable, frozen, batch)
+        total, count = jnp.sum(sums), jnp.sum(counts)
         if reduction == "tokens":  # normalised by the step's total target count afterwards
             return total, (total, count)
-        return total / jnp.maximum(count, 1.0) / n_micro, (total, count)
+        if sums.shape[0] % group:
+            raise ValueError(f"train.loss_group_rows={group} does not divide the {sums.shape[0]} rows of a "
+                             "micro-batch")
+        g_sums, g_counts = sums.reshape(-1, group).sum(1), counts.reshape(-1, group).sum(1)
+        return jnp.mean(g_sums / jnp.maximum(g_counts, 1.0)) / n_micro, (total, count)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -114,7 +121,7 @@ def make_steps(graphdef, cfg: Config, tx):
         return new_state, metrics
 
     def eval_step(state, batch):
-        total, count = losses(state["params"], state["frozen"], batch)
-        return {"loss_sum": total, "target_tokens": count}
+        sums, counts = row_losses(state["params"], state["frozen"], batch)
+        return {"loss_sum": jnp.sum(sums), "target_tokens": jnp.sum(counts)}
 
     return train_step, eval_step

@@ -31,3 +31,23 @@ def test_bad_keys_and_values_are_named():
         load_config(path, ["model.image_tokens=10"])  # not a square
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(path, ["train.steps"])
+
+
+def test_epochs_set_steps_from_the_packed_row_count(tmp_path):
+    import json
+
+    from oq2vl_jax.train import resolve_steps
+
+    (tmp_path / "caption").mkdir()
+    (tmp_path / "caption" / "stats.json").write_text(json.dumps({"rows": 1_221_000}))
+    pretrain = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.yaml")
+    cfg = load_config(pretrain, [f"data.sources=[{{path: {tmp_path / 'caption'}}}]"])
+    assert cfg.train.epochs == 1
+    assert resolve_steps(cfg).train.steps == 4770  # ceil(1,221,000 rows / 256): ~5B tokens, one pass
+    assert resolve_steps(load_config(pretrain, [f"data.sources=[{{path: {tmp_path / 'caption'}}}]",
+                                                "train.epochs=2.5"])).train.steps == 11924
+    assert resolve_steps(load_config(pretrain, ["train.epochs=0", "train.steps=7"])).train.steps == 7
+    with pytest.raises(ConfigError, match="no row count in .*nowhere"):
+        resolve_steps(load_config(pretrain, ["data.sources=[{path: nowhere}]"]))
+    with pytest.raises(ConfigError, match="exactly one data source"):
+        resolve_steps(load_config(pretrain, ["data.sources=[{path: a}, {path: b}]"]))

@@ -144,3 +144,73 @@ def test_cudnn_packed_wrapper_against_an_emulated_kernel(monkeypatch):
     for a, b in zip(g_cud, g_ref):
         assert np.isfinite(np.asarray(a)).all()
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _rows_with_images(counts, m, t=40, k=4, image_token_id=100, seed=0):
+    """Packed-style rows: row b holds counts[b] images (k placeholders each) and text, in one segment."""
+    rng = np.random.default_rng(seed)
+    b = len(counts)
+    ids = rng.integers(0, 99, (b, t)).astype(np.int32)
+    for r, c in enumerate(counts):
+        ids[r, 1:1 + c * k] = image_token_id
+    return {"input_ids": ids, "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.arange(t)[None].repeat(b, 0).astype(np.int32),
+            "loss_mask": (ids != image_token_id).astype(np.int32),
+            "images": rng.uniform(-1, 1, (b, m, 56, 56, 3)).astype(np.float32)}
+
+
+def test_chunked_tower_equals_dense_and_skips_empty_slots(monkeypatch):
+    """vision_chunk_size: same loss and gradients as running the tower on every slot (one device and
+    FSDP over 8), while chunks holding no real image are never run."""
+    import dataclasses
+
+    from flax import nnx
+
+    from oq2vl_jax.models.siglip import SiglipVisionModel
+    from oq2vl_jax.sharding import batch_sharding, use_mesh
+
+    cfg = our_config(image_tokens=4)
+    batch = _rows_with_images([0, 1, 3, 2, 0, 0, 1, 0], m=3)
+    chunk = 2  # one device: 24 slots in 12 chunks; 8 devices: 3 slots each, in 2 chunks (one padded)
+
+    def loss_and_grads(model, mesh=None):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def f(params, batch):
+            total, count = nnx.merge(graphdef, params, rest).loss(batch)
+            return total / count
+        if mesh is None:
+            return jax.jit(jax.value_and_grad(f))(params, batch)
+        with use_mesh(mesh):
+            sharded = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+            return jax.jit(jax.value_and_grad(f))(params, sharded)
+
+    dense = build(cfg, seed=1)
+    ref_loss, ref_grads = loss_and_grads(dense)
+    chunked_cfg = dataclasses.replace(cfg, vision_chunk_size=chunk)
+
+    images_run = []
+    original = SiglipVisionModel.__call__
+
+    def counting(self, pixels):
+        jax.debug.callback(lambda n: images_run.append(int(n)), pixels.shape[0])
+        return original(self, pixels)
+
+    monkeypatch.setattr(SiglipVisionModel, "__call__", counting)
+    single = build(chunked_cfg, seed=1)
+    loss, grads = loss_and_grads(single)
+    jax.effects_barrier()
+    # 24 slots, 7 real images: only the 4 chunks up to the 7th image run.
+    assert sum(images_run) == 8
+    monkeypatch.setattr(SiglipVisionModel, "__call__", original)
+
+    mesh = make_mesh(fsdp=8)
+    sharded = build_sharded(chunked_cfg, mesh, seed=2)
+    assign_params(sharded, {p: np.asarray(v) for p, v in flat_params(single).items()})
+    sharded_loss, sharded_grads = loss_and_grads(sharded, mesh)
+    for lo, gr in ((loss, grads), (sharded_loss, sharded_grads)):
+        np.testing.assert_allclose(float(lo), float(ref_loss), rtol=1e-5)
+        ref_flat = dict(nnx.to_flat_state(ref_grads))
+        for path, g in nnx.to_flat_state(gr):
+            np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(ref_flat[path].get_value()),
+                                       atol=2e-5, err_msg=str(path))

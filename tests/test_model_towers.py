@@ -89,7 +89,7 @@ def test_qwen2_matches_hf(tie, kv_heads):
     np.testing.assert_allclose(logits, out.logits.numpy(), atol=TOL, rtol=0)
     seg = np.ones_like(ids)
     total, count = token_losses(logits, ids, (labels != -100).astype(np.int32), seg, cross_segment=False)
-    np.testing.assert_allclose(float(total / count), out.loss.item(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(total.sum() / count.sum()), out.loss.item(), atol=1e-5, rtol=0)
 
 
 def test_weight_errors_name_the_tensor():

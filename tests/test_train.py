@@ -227,6 +227,8 @@ def test_resume_refuses_a_different_data_layout(demo, tmp_path):
     run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
     with pytest.raises(ConfigError, match="micro_batch_rows"):
         run(tiny(demo, *STEPS, "data.global_batch_size=32"), str(tmp_path))
+    with pytest.raises(ConfigError, match="'num_workers': 1"):
+        run(tiny(demo, *STEPS, "data.num_workers=1"), str(tmp_path))
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):

@@ -100,8 +100,14 @@ class ModelConfig:
     loss_chunk_size: int = 0
     # Activation checkpointing of decoder layers: none | full | dots (save matmul outputs).
     remat: Literal["none", "full", "dots"] = "full"
+    # > 0: run the vision tower on this many image slots per batch shard at a time, real images
+    # first, skipping the chunks past the last real image (empty slots cost nothing: text rows in a
+    # mix, the unused tail of max_images). 0: every slot, in one batch.
+    vision_chunk_size: int = 0
 
     def __post_init__(self):
+        if self.vision_chunk_size < 0:
+            raise ValueError(f"vision_chunk_size={self.vision_chunk_size} must be >= 0")
         side = math.isqrt(self.image_tokens)
         if side * side != self.image_tokens:
             raise ValueError(f"image_tokens={self.image_tokens} is not a square number")

@@ -180,7 +180,8 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.lm_head.kernel[...].astype(self.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.dot(hidden.astype(self.dtype), self.output_matrix())
+        """float32 logits (accumulated in f32 from compute-dtype inputs, as the chunked loss does)."""
+        return jnp.dot(hidden.astype(self.dtype), self.output_matrix(), preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.logits(self.hidden_states(self.embed(input_ids), positions, segment_ids))

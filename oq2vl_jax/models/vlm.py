@@ -22,6 +22,7 @@ from oq2vl_jax.models.layers import dtype_of
 from oq2vl_jax.models.projector import MultiModalProjector
 from oq2vl_jax.models.qwen2 import Qwen2ForCausalLM
 from oq2vl_jax.models.siglip import SiglipVisionModel
+from oq2vl_jax.sharding import batch_shards, replicate
 
 
 def splice_image_embeddings(input_ids, text_embeds, image_embeds, image_token_id):
@@ -52,9 +53,9 @@ def _nll(logits, targets):
 
 
 def token_losses(logits, input_ids, loss_mask, segment_ids, cross_segment: bool):
-    """Next-token cross entropy in float32: (sum of losses, number of target tokens)."""
+    """Next-token cross entropy in float32, per row: (sums of losses [B], target-token counts [B])."""
     targets, w = _targets(input_ids, loss_mask, segment_ids, cross_segment)
-    return jnp.sum(_nll(logits[:, :-1], targets) * w), jnp.sum(w)
+    return jnp.sum(_nll(logits[:, :-1], targets) * w, axis=1), jnp.sum(w, axis=1)
 
 
 def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, cross_segment: bool,
@@ -72,13 +73,13 @@ def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, 
     @jax.checkpoint
     def chunk_loss(h_c, t_c, w_c):
         logits = jnp.dot(h_c.astype(out_matrix.dtype), out_matrix, preferred_element_type=jnp.float32)
-        return jnp.sum(_nll(logits, t_c) * w_c)
+        return jnp.sum(_nll(logits, t_c) * w_c, axis=1)
 
     def body(total, xs):
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h), split(targets), split(w_pad)))
-    return total, jnp.sum(w)
+    total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (split(h), split(targets), split(w_pad)))
+    return total, jnp.sum(w, axis=1)
 
 
 class OQ2VL(nnx.Module):
@@ -104,6 +105,44 @@ class OQ2VL(nnx.Module):
         feats = self.vision_tower(images)
         return self.multi_modal_projector(feats.astype(dtype_of(self.cfg.dtype)))
 
+    def tower_features_chunked(self, images: jax.Array, counts: jax.Array) -> jax.Array:
+        """Tower features [B*M, patches, D] of images [B, M, H, W, 3] whose row b holds counts[b]
+        real images in its first slots; empty slots get zeros without running the tower.
+
+        Within each batch shard (rows are split over devices) the real images are moved to the
+        front, then the tower runs on `vision_chunk_size` slots per shard at a time; a chunk past
+        every shard's real images is skipped (a lax.cond, so it stays differentiable)."""
+        b, m = images.shape[:2]
+        shards = batch_shards() if b % batch_shards() == 0 else 1
+        per = b // shards * m
+        chunk = min(self.cfg.vision_chunk_size, per)
+        n_chunks = -(-per // chunk)
+        real = (jnp.arange(m)[None] < counts[:, None]).reshape(shards, per)
+        order = jnp.argsort(~real, axis=1, stable=True)  # real images first, in slot order
+        imgs = images.reshape((shards, per) + images.shape[2:])
+        imgs = jnp.take_along_axis(imgs, order.reshape(order.shape + (1, 1, 1)), axis=1)
+        imgs = jnp.pad(imgs, ((0, 0), (0, n_chunks * chunk - per)) + ((0, 0),) * 3)
+        most = jnp.max(jnp.sum(real, axis=1))
+        # Gather the (FSDP-sharded) tower once here, not once per chunk inside the conditionals.
+        graphdef, state = nnx.split(self.vision_tower)
+        state = replicate(state)
+
+        def run(st, x):
+            return nnx.merge(graphdef, st)(x)
+
+        def skip(st, x):
+            return jnp.zeros(out.shape, out.dtype)
+
+        x0 = imgs[:, :chunk].reshape((shards * chunk,) + imgs.shape[2:])
+        out = jax.eval_shape(run, state, x0)
+        feats = []
+        for j in range(n_chunks):
+            x = imgs[:, j * chunk:(j + 1) * chunk].reshape((shards * chunk,) + imgs.shape[2:])
+            feats.append(jax.lax.cond(j * chunk < most, run, skip, state, x).reshape((shards, chunk) + out.shape[1:]))
+        feats = jnp.concatenate(feats, axis=1)[:, :per]
+        feats = jnp.take_along_axis(feats, jnp.argsort(order, axis=1).reshape(order.shape + (1, 1)), axis=1)
+        return feats.reshape((b * m,) + out.shape[1:])
+
     def embed(self, input_ids, images):
         text = self.language_model.embed(input_ids)
         if images is None or images.shape[1] == 0:  # text-only batch
@@ -111,7 +150,13 @@ class OQ2VL(nnx.Module):
         if images.dtype == jnp.uint8:  # raw pixels from the loader: normalise on the device
             images = normalize(images)
         b, m = images.shape[:2]
-        img = self.image_features(images.reshape((b * m,) + images.shape[2:]))
+        if self.cfg.vision_chunk_size:
+            # A row's images fill its first slots, one per `image_tokens` placeholders.
+            counts = jnp.sum(input_ids == self.cfg.image_token_id, axis=1) // self.cfg.image_tokens
+            feats = self.tower_features_chunked(images, counts)
+            img = self.multi_modal_projector(feats.astype(dtype_of(self.cfg.dtype)))
+        else:
+            img = self.image_features(images.reshape((b * m,) + images.shape[2:]))
         return splice_image_embeddings(input_ids, text, img.reshape(b, -1, img.shape[-1]),
                                        self.cfg.image_token_id)
 
@@ -122,6 +167,11 @@ class OQ2VL(nnx.Module):
 
     def loss(self, batch: dict):
         """(sum of token losses, target count) for one batch; see token_losses."""
+        sums, counts = self.row_losses(batch)
+        return jnp.sum(sums), jnp.sum(counts)
+
+    def row_losses(self, batch: dict):
+        """(sums of token losses [B], target counts [B]) per row of the batch."""
         lm, cfg = self.language_model, self.cfg
         ids, seg = batch["input_ids"], batch["segment_ids"]
         hidden = lm.hidden_states(self.embed(ids, batch.get("images")), batch["positions"], seg)
