@@ -25,7 +25,7 @@ import numpy as np
 from oq2vl_jax.config import load_config
 from oq2vl_jax.flops import train_step_flops
 from oq2vl_jax.train import Trainer, to_global
-from oq2vl_jax.train_step import batch_shardings
+from oq2vl_jax.train_step import MODEL_KEYS, batch_shardings
 
 
 def synthetic_rows(cfg, rows: int, images_per_row: int, seed: int = 0) -> dict:
@@ -55,6 +55,27 @@ def synthetic_rows(cfg, rows: int, images_per_row: int, seed: int = 0) -> dict:
     return out
 
 
+def compile_only(trainer, cfg, example) -> int:
+    """Lowers and compiles the step for abstract inputs (nothing allocated) and prints XLA's
+    per-device memory analysis: a check that a config fits before a GPU is at hand."""
+    shardings = batch_shardings(trainer.mesh, example, True)
+    batch = {k: jax.ShapeDtypeStruct(example[k].shape, example[k].dtype, sharding=shardings[k])
+             for k in MODEL_KEYS}
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    mem = compiled.memory_analysis()
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    print(json.dumps({
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "rows_per_micro_batch": example["input_ids"].shape[1], "micro_batches": cfg.train.micro_batches,
+        "vision_chunk_size": cfg.model.vision_chunk_size, "compile_s": round(time.perf_counter() - t0, 1),
+        "argument_gib": gib(mem.argument_size_in_bytes), "output_gib": gib(mem.output_size_in_bytes),
+        "alias_gib": gib(mem.alias_size_in_bytes), "temp_gib": gib(mem.temp_size_in_bytes),
+    }))
+    trainer.mngr.close()
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/pretrain.yaml")
@@ -64,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile for abstract inputs and print the per-device memory analysis")
     args = p.parse_args(argv)
 
     n_dev = jax.device_count()
@@ -74,9 +97,11 @@ def main(argv=None) -> int:
     if cfg.data.max_images < args.images_per_row:  # the config's slots, the rest left empty as in real data
         cfg = load_config(args.config, overrides + [f"data.max_images={args.images_per_row}"])
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="train_bench_"))
-    state, _ = trainer.initial_state(data_iter=None)
     local = synthetic_rows(cfg, rows, args.images_per_row)
     example = {k: v.reshape((args.micro_batches, -1) + v.shape[1:]) for k, v in local.items()}
+    if args.compile_only:
+        return compile_only(trainer, cfg, example)
+    state, _ = trainer.initial_state(data_iter=None)
     batch = to_global(local, batch_shardings(trainer.mesh, example, True), args.micro_batches)
 
     t0 = time.perf_counter()

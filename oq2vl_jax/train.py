@@ -181,11 +181,24 @@ class Trainer:
 
         train_step, eval_step = make_steps(self.graphdef, cfg, self.tx)
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.train_step = jax.jit(train_step, in_shardings=(self.shardings, None),
-                                  out_shardings=(self.shardings, rep), donate_argnums=(0,))
-        self.eval_step = jax.jit(eval_step, in_shardings=(self.shardings, None), out_shardings=rep)
+        self.train_step = self._in_mesh(jax.jit(train_step, in_shardings=(self.shardings, None),
+                                                out_shardings=(self.shardings, rep), donate_argnums=(0,)))
+        self.eval_step = self._in_mesh(jax.jit(eval_step, in_shardings=(self.shardings, None), out_shardings=rep))
         self.mngr = ckpt.make_manager(workdir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
                                       async_save=cfg.train.async_checkpointing)
+
+    def _in_mesh(self, jitted):
+        """Calls (and so traces) a jitted step inside the mesh, where the model's activation
+        sharding constraints (sharding.constrain) take effect; outside one they are no-ops."""
+        def call(*args):
+            with use_mesh(self.mesh):
+                return jitted(*args)
+        call.lower = lambda *args: self._lower(jitted, *args)
+        return call
+
+    def _lower(self, jitted, *args):
+        with use_mesh(self.mesh):
+            return jitted.lower(*args)
 
     # ----- state -----------------------------------------------------------------------------------
     def _abstract_params(self) -> dict:
