@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -241,3 +242,23 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):
     bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
     mngr = ckpt.make_manager(str(tmp_path), read_only=True)
     assert mngr.latest_step() == bad - 1
+
+
+def test_steps_are_traced_inside_the_mesh(tmp_path):
+    """The model's activation sharding constraints (sharding.constrain, a no-op outside a mesh) are
+    part of the compiled train step."""
+    from oq2vl_jax.train import Trainer
+    from oq2vl_jax.train_step import MODEL_KEYS, batch_shardings
+
+    cfg = load_config(TINY, ["data.global_batch_size=8", "train.micro_batches=1", "tokenizer=null"])
+    trainer = Trainer(cfg, str(tmp_path))
+    m, t, size = cfg.data.max_images, cfg.data.seq_len, cfg.model.vision.image_size
+    shapes = {"input_ids": (1, 8, t), "segment_ids": (1, 8, t), "positions": (1, 8, t), "loss_mask": (1, 8, t),
+              "images": (1, 8, m, size, size, 3)}
+    example = {k: np.zeros(s, np.uint8 if k == "images" else np.int32) for k, s in shapes.items()}
+    shardings = batch_shardings(trainer.mesh, example, True)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in example.items()}
+    assert set(batch) == set(MODEL_KEYS)
+    hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
+    assert hlo.count("sharding_constraint") >= cfg.model.vision.num_hidden_layers
+    trainer.mngr.close()
