@@ -205,3 +205,28 @@ def test_window_and_cli(demo, tmp_path):
     assert not os.path.exists(tmp_path / "window-00000-3.array_record")
     with pytest.raises(FileNotFoundError, match="matched no file"):
         pack.main(["--input", str(tmp_path / "nothing-*.tar"), "--tokenizer", "x", "--out", str(tmp_path)])
+
+
+def test_truncate_cuts_long_samples_and_whole_images(demo, tmp_path):
+    from oq2vl_jax.data.samples import Tokens
+
+    img = 7  # a stand-in image id: _truncate only looks for runs of it
+    ids = np.array([1] * 10 + [img] * 4 + [5] * 3 + [img] * 4 + [6] * 10, np.int32)
+    mask = (ids != img).astype(np.uint8)
+    cut = pack._truncate(_cfg(demo, tmp_path, seq_len=20, image_tokens=4, truncate=True), Tokens(ids, mask, 2), img)
+    assert (len(cut.input_ids), cut.num_images, cut.truncated) == (17, 1, True)  # the 2nd image would be cut
+    np.testing.assert_array_equal(cut.input_ids, ids[:17])
+    with pytest.raises(pack.SampleError, match="no target"):
+        pack._truncate(_cfg(demo, tmp_path, seq_len=12, image_tokens=4), Tokens(ids, np.zeros_like(mask), 2), img)
+
+    (tmp_path / "a.png").write_bytes(_png())
+    long = {"id": "long", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red square " * 100}]}
+    (tmp_path / "sft.json").write_text(json.dumps([long]))
+    skipped = pack.run(_cfg(demo, tmp_path / "skip", mode="sft"), [str(tmp_path / "sft.json")], log=lambda m: None)
+    assert skipped["skipped"] == {"too_long": 1} and skipped["truncated"] == 0
+    kept = pack.run(_cfg(demo, tmp_path / "cut", mode="sft", truncate=True), [str(tmp_path / "sft.json")],
+                    log=lambda m: None)
+    assert kept["samples_packed"] == 1 and kept["truncated"] == 1 and kept["images"] == 1
+    (row,) = _rows(str(tmp_path / "cut" / "sft.array_record"))
+    assert len(row["input_ids"]) == 128 and (row["segment_ids"] == 1).all() and row["loss_mask"].sum() > 50

@@ -33,11 +33,12 @@ import os
 import sys
 import time
 
+import numpy as np
 
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.ffd import first_fit_decreasing
 from oq2vl_jax.data.records import assemble_row, encode_row
-from oq2vl_jax.data.samples import SampleBuilder, SampleError, count_image_tags
+from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
 MODES = ("caption", "sft", "text")
 STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
@@ -59,6 +60,9 @@ class PackConfig:
     image_root: str | None = None  # SFT: where relative image paths live (default: the json's folder)
     packing: str = "ffd"  # "ffd" or "none" (one sample per row, for unpacked SFT batches)
     text_key: str = "text"
+    # Cut samples longer than seq_len to seq_len (the original truncated rows to 4096) instead of
+    # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
+    truncate: bool = False
 
     def resolved_max_images(self) -> int:
         if self.mode == "text":
@@ -127,11 +131,27 @@ def _builder(cfg: PackConfig) -> SampleBuilder:
     return _BUILDERS[key]
 
 
-def _check_fits(cfg: PackConfig, tokens) -> None:
+def _truncate(cfg: PackConfig, tokens: Tokens, image_token_id: int) -> Tokens:
+    """The first seq_len tokens, minus a trailing partial image; raises if no target is left."""
+    ids, mask = tokens.input_ids[:cfg.seq_len], tokens.loss_mask[:cfg.seq_len]
+    where = np.flatnonzero(ids == image_token_id)
+    images = len(where) // cfg.image_tokens
+    if len(where) % cfg.image_tokens:  # cut inside an image's placeholders: drop that image
+        ids, mask = ids[:where[images * cfg.image_tokens]], mask[:where[images * cfg.image_tokens]]
+    if not mask[1:].any():
+        raise SampleError("too_long", f"{len(tokens.input_ids)} tokens, no target within seq_len {cfg.seq_len}")
+    return Tokens(ids, mask, images, truncated=True)
+
+
+def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
+    """Checks a sample against the row (truncating it with cfg.truncate); raises SampleError."""
     if len(tokens.input_ids) > cfg.seq_len:
-        raise SampleError("too_long", f"{len(tokens.input_ids)} tokens > seq_len {cfg.seq_len}")
+        if not cfg.truncate:
+            raise SampleError("too_long", f"{len(tokens.input_ids)} tokens > seq_len {cfg.seq_len}")
+        tokens = _truncate(cfg, tokens, b.ids.image)
     if tokens.num_images > cfg.resolved_max_images():
         raise SampleError("too_many_images", f"{tokens.num_images} > max_images {cfg.resolved_max_images()}")
+    return tokens
 
 
 def _iter_samples(cfg: PackConfig, path: str):
@@ -142,8 +162,7 @@ def _iter_samples(cfg: PackConfig, path: str):
         for key, files in raw:
             try:
                 image, caption = readers.caption_from_files(files)
-                tokens = b.caption(caption)
-                _check_fits(cfg, tokens)
+                tokens = _fit(cfg, b, b.caption(caption))
                 yield key, tokens, [readers.prepare_image(image, cfg.image_size, cfg.image_format,
                                                           cfg.jpeg_quality)]
             except SampleError as e:
@@ -155,8 +174,7 @@ def _iter_samples(cfg: PackConfig, path: str):
             try:
                 if isinstance(doc, SampleError):
                     raise doc
-                tokens = b.text(doc)
-                _check_fits(cfg, tokens)
+                tokens = _fit(cfg, b, b.text(doc))
                 yield key, tokens, []
             except SampleError as e:
                 yield key, e
@@ -176,10 +194,9 @@ def _iter_samples(cfg: PackConfig, path: str):
             if count_image_tags(turns) != len(image_paths):
                 raise SampleError("image_tag_mismatch",
                                   f"{count_image_tags(turns)} <image> tags vs {len(image_paths)} images")
-            tokens = b.conversation(turns)
-            _check_fits(cfg, tokens)
+            tokens = _fit(cfg, b, b.conversation(turns))
             images = []
-            for rel in image_paths:
+            for rel in image_paths[:tokens.num_images]:  # truncation may have dropped the last ones
                 try:
                     with open(os.path.join(root, rel), "rb") as f:
                         data = f.read()
@@ -255,6 +272,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         "samples_in": samples_in, "samples_packed": len(kept), "skipped": dict(sorted(skipped.items())),
         "rows": len(bins), "real_tokens": int(sum(lengths)),
         "images": int(sum(t.num_images for _, t, _ in kept)),
+        "truncated": sum(t.truncated for _, t, _ in kept),
         "max_images_in_row": max_img_row, "max_samples_in_row": max_seg_row,
         "shard_errors": shard_errors, "skipped_keys": skipped_keys,
     }
@@ -288,6 +306,7 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
         "skipped": dict(sorted(skipped.items())), "rows": rows, "real_tokens": real,
         "fill_rate": real / (rows * cfg.seq_len) if rows else 0.0,
         "images": sum(s["images"] for s in unit_stats),
+        "truncated": sum(s.get("truncated", 0) for s in unit_stats),
         "max_images_in_row": max((s["max_images_in_row"] for s in unit_stats), default=0),
         "max_samples_in_row": max((s["max_samples_in_row"] for s in unit_stats), default=0),
         "bad_shards": {p: e for s in unit_stats for p, e in s["shard_errors"].items()},
@@ -372,12 +391,14 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=1, help="input shards packed together (default 1)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-key", default="text", help="text mode: jsonl field holding the document")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut samples longer than --seq-len (as the original) instead of skipping them")
     a = p.parse_args(argv)
     cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
                      image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
                      jpeg_quality=a.jpeg_quality, max_images=a.max_images,
                      max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                     image_root=a.image_root, packing=a.packing, text_key=a.text_key)
+                     image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
         log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

@@ -43,6 +43,7 @@ class Tokens:
     input_ids: np.ndarray  # int32[n], images already expanded
     loss_mask: np.ndarray  # uint8[n]
     num_images: int
+    truncated: bool = False
 
 
 class SampleBuilder:
