@@ -190,15 +190,14 @@ class Trainer:
     def _in_mesh(self, jitted):
         """Calls (and so traces) a jitted step inside the mesh, where the model's activation
         sharding constraints (sharding.constrain) take effect; outside one they are no-ops."""
-        def call(*args):
-            with use_mesh(self.mesh):
-                return jitted(*args)
-        call.lower = lambda *args: self._lower(jitted, *args)
+        def within(fn):
+            def call(*args):
+                with use_mesh(self.mesh):
+                    return fn(*args)
+            return call
+        call = within(jitted)
+        call.lower = within(jitted.lower)
         return call
-
-    def _lower(self, jitted, *args):
-        with use_mesh(self.mesh):
-            return jitted.lower(*args)
 
     # ----- state -----------------------------------------------------------------------------------
     def _abstract_params(self) -> dict:

@@ -89,9 +89,6 @@ def make_steps(graphdef, cfg: Config, tx):
         total, count = jnp.sum(sums), jnp.sum(counts)
         if reduction == "tokens":  # normalised by the step's total target count afterwards
             return total, (total, count)
-        if sums.shape[0] % group:
-            raise ValueError(f"train.loss_group_rows={group} does not divide the {sums.shape[0]} rows of a "
-                             "micro-batch")
         g_sums, g_counts = sums.reshape(-1, group).sum(1), counts.reshape(-1, group).sum(1)
         return jnp.mean(g_sums / jnp.maximum(g_counts, 1.0)) / n_micro, (total, count)
 

@@ -134,9 +134,10 @@ def test_vlm_single_sample_matches_torch(ref, chunk):
     np.testing.assert_allclose(float(total / count), ref_loss, atol=1e-5, rtol=0)
 
 
-def test_packed_row_equals_each_sample_alone(ref, packed):
+@pytest.mark.parametrize("vision_chunk_size", [0, 3])  # 3: the 4th, empty slot's chunk is skipped
+def test_packed_row_equals_each_sample_alone(ref, packed, vision_chunk_size):
     samples, per_sample_images, batch = packed
-    model = ref.ours()
+    model = ref.ours(vision_chunk_size=vision_chunk_size)
     logits = np.asarray(model(batch["input_ids"], batch["images"], batch["positions"], batch["segment_ids"]))[0]
     start, total_loss, total_count = 0, 0.0, 0
     for (ids, loss), images in zip(samples, per_sample_images):

@@ -220,6 +220,9 @@ def test_config_errors_are_named(demo, tmp_path, capsys):
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "model.attention=cudnn",
                  "model.max_segments=4"]) == 2
     assert "model.max_segments=4" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "train.loss_reduction=micro_batch_mean",
+                 "train.loss_group_rows=3"]) == 2
+    assert "train.loss_group_rows=3 does not divide" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_different_data_layout(demo, tmp_path):

@@ -113,7 +113,8 @@ class OQ2VL(nnx.Module):
         front, then the tower runs on `vision_chunk_size` slots per shard at a time; a chunk past
         every shard's real images is skipped (a lax.cond, so it stays differentiable)."""
         b, m = images.shape[:2]
-        shards = batch_shards() if b % batch_shards() == 0 else 1
+        shards = batch_shards()
+        shards = shards if b % shards == 0 else 1
         per = b // shards * m
         chunk = min(self.cfg.vision_chunk_size, per)
         n_chunks = -(-per // chunk)
