@@ -68,30 +68,32 @@ def decode_step(model, cache: KVCache, tokens, positions):
     return lm.logits(h[:, 0]).astype(jnp.float32), cache
 
 
-def sample(logits, key, *, temperature: float, top_p: float, vocab_limit: int | None):
-    """Next token per row from float32 logits [B, V]: argmax when temperature == 0, else nucleus
-    sampling. Ids >= vocab_limit (embedding rows past the tokenizer) are never chosen."""
+def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int | None):
+    """Next token per row from float32 logits [B, V] and one PRNG key per row [B]: argmax when
+    temperature == 0, else nucleus sampling. Ids >= vocab_limit (embedding rows past the tokenizer)
+    are never chosen."""
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is
-        # below top_p (so the most likely token always stays).
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        # below top_p (so the most likely token always stays). By rank, not by logit value, so tokens
+        # tied with the last kept one do not all come in.
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def decode_loop(model, cache: KVCache, logits, positions, done, key, *, max_new_tokens: int,
+def decode_loop(model, cache: KVCache, logits, positions, done, keys, *, max_new_tokens: int,
                 temperature: float, top_p: float, vocab_limit: int | None, pad_id: int,
                 stop_ids: tuple[int, ...]):
     """Samples up to max_new_tokens per row on device. positions int [B]: the next token's position;
-    done bool [B]: rows that need no tokens (batch filler). Returns int32 [B, max_new_tokens]; a
+    done bool [B]: rows that need no tokens (batch filler); keys [B]: one PRNG key per row. Returns int32 [B, max_new_tokens]; a
     row's stop token is kept and everything after it is pad_id."""
     b = logits.shape[0]
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -102,7 +104,8 @@ def decode_loop(model, cache: KVCache, logits, positions, done, key, *, max_new_
 
     def body(carry):
         step, cache, logits, positions, done, out = carry
-        tok = sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_p=top_p,
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        tok = sample(logits, step_keys, temperature=temperature, top_p=top_p,
                      vocab_limit=vocab_limit)
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, step].set(tok)
@@ -203,14 +206,15 @@ class Generator:
         """Generated token ids per prompt, in order, ending with the stop token when one was emitted.
 
         Prompts run in chunks of batch_size rows (the last chunk is filled with empty rows so all
-        chunks share one shape). Sampling draws from PRNG key (seed, chunk index)."""
+        chunks share one shape). Request i samples with PRNG key (seed, i), so its tokens do not depend
+        on the batch size or on the other requests (up to float rounding of the batched logits)."""
         if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
                              f"{max_new_tokens}, {temperature}, {top_p}")
         self._check(prompts)
         batch_size = max(1, min(batch_size, len(prompts)))
         results: list[list[int]] = []
-        for c, start in enumerate(range(0, len(prompts), batch_size)):
+        for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             ids, positions, valid, images = pad_batch(chunk, batch_size, pad_id=self.pad_id,
                                                       image_size=self.cfg.vision.image_size,
@@ -223,10 +227,11 @@ class Generator:
             prefill_compile = self.stats.compile_s - compile_before
             done = np.arange(batch_size) >= len(chunk)
             next_pos = valid.sum(axis=1).astype(np.int32)
-            key = jax.random.fold_in(jax.random.key(seed), c)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+                jax.random.key(seed), jnp.arange(start, start + batch_size))
             static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                           vocab_limit=self.vocab_limit, pad_id=self.pad_id, stop_ids=self.stop_ids)
-            out = self._run(decode_loop, static, cache, logits, next_pos, done, key)
+            out = self._run(decode_loop, static, cache, logits, next_pos, done, keys)
             out = np.asarray(out)
             t2 = time.perf_counter()
             decode_compile = self.stats.compile_s - compile_before - prefill_compile
@@ -336,11 +341,26 @@ def stop_ids_for(tokenizer, fmt: str) -> list[int]:
 
 
 def _request(r) -> dict:
+    """A request as {"prompt": str, "images": [path, ...]}; a bare string is a text-only prompt."""
     if isinstance(r, str):
         return {"prompt": r, "images": []}
     if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
-        raise ValueError(f"a request is a prompt string or {{'prompt': str, 'images': [...]}}, got {r!r}")
-    return {"prompt": r["prompt"], "images": list(r.get("images") or [])}
+        raise ValueError(f"a request is a prompt string or {{'prompt': str, 'images': [path, ...]}}, got {r!r}")
+    extra = set(r) - {"prompt", "images"}
+    if extra:  # e.g. "image": silently ignoring it would caption without the image
+        raise ValueError(f"request has unknown key(s) {sorted(extra)}; a request has 'prompt' and 'images'")
+    images = r.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(im, str) for im in images):
+        raise ValueError(f"request 'images' must be a list of paths, got {images!r}")
+    return {"prompt": r["prompt"], "images": images}
+
+
+def _shot(s) -> dict:
+    """A few-shot demonstration: {"image": path, "question": str, "answer": str}."""
+    keys = {"image", "question", "answer"}
+    if not isinstance(s, dict) or set(s) != keys or not all(isinstance(s[k], str) for k in keys):
+        raise ValueError(f"a shot is {{'image': path, 'question': str, 'answer': str}}, got {s!r}")
+    return s
 
 
 def make_prompts(model_cfg, tokenizer, requests: Sequence, *, fmt: str = "caption", system: str | None = None,
@@ -350,6 +370,7 @@ def make_prompts(model_cfg, tokenizer, requests: Sequence, *, fmt: str = "captio
     from oq2vl_jax.data.tokenizer import BOS
 
     size = model_cfg.vision.image_size
+    shots = [_shot(s) for s in shots]
     shot_images = [load_image(s["image"], size) for s in shots] if fmt == "fewshot" else []
     bos_id = tokenizer.convert_tokens_to_ids(BOS)
     prompts = []
@@ -410,9 +431,22 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     return nnx.merge(graphdef, abstract), cfg, step
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str, parse) -> list:
+    """parse(record) of every non-blank line; a bad line is an error naming path:line."""
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(parse(json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e.msg} (column {e.colno})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise ValueError(f"{path} has no records")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--shots goes with --format fewshot (and fewshot needs --shots)")
     if args.input and args.image:
         p.error("--image goes with --prompt; put images in the --input records")
-    requests = _read_jsonl(args.input) if args.input else [{"prompt": args.prompt, "images": args.image}]
-    shots = _read_jsonl(args.shots) if args.shots else []
+    requests = _read_jsonl(args.input, _request) if args.input else [{"prompt": args.prompt, "images": args.image}]
+    shots = _read_jsonl(args.shots, _shot) if args.shots else []
 
     from oq2vl_jax.data.tokenizer import load_tokenizer
 

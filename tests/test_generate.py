@@ -9,6 +9,7 @@ test_generate_llava.py.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -127,17 +128,21 @@ def test_cache_equals_no_cache_with_images():
     assert tokens == Generator(model, pad_id=0, pad_multiple=8)(prompts, max_new_tokens=STEPS, batch_size=2)
 
 
+def _keys(n, seed=1):
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), np.arange(n))
+
+
 def test_sampling():
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
-    key = jax.random.key(1)
-    greedy = np.asarray(sample(logits, key, temperature=0.0, top_p=1.0, vocab_limit=None))
+    keys = _keys(4)
+    greedy = np.asarray(sample(logits, keys, temperature=0.0, top_p=1.0, vocab_limit=None))
     np.testing.assert_array_equal(greedy, np.asarray(logits).argmax(-1))
     # A vanishing nucleus keeps only the most likely token.
-    np.testing.assert_array_equal(sample(logits, key, temperature=1.0, top_p=1e-6, vocab_limit=None), greedy)
+    np.testing.assert_array_equal(sample(logits, keys, temperature=1.0, top_p=1e-6, vocab_limit=None), greedy)
     # Ids past the tokenizer are never chosen, even when most likely.
     boosted = logits.at[:, 45:].add(100.0)
-    assert np.asarray(sample(boosted, key, temperature=0.0, top_p=1.0, vocab_limit=45)).max() < 45
-    draws = np.stack([np.asarray(sample(logits, jax.random.key(i), temperature=1.0, top_p=0.9, vocab_limit=45))
+    assert np.asarray(sample(boosted, keys, temperature=0.0, top_p=1.0, vocab_limit=45)).max() < 45
+    draws = np.stack([np.asarray(sample(logits, _keys(4, i), temperature=1.0, top_p=0.9, vocab_limit=45))
                       for i in range(20)])
     assert draws.max() < 45 and len(np.unique(draws[:, 0])) > 1  # it does sample
     # The nucleus: every drawn token lies within the top-p set of its row.
@@ -149,6 +154,15 @@ def test_sampling():
         assert set(draws[:, r].tolist()) <= allowed
 
 
+def test_top_p_nucleus_is_by_rank_with_ties():
+    # Four equally likely tokens: top_p 0.5 keeps two of them (as HF's TopPLogitsWarper), not all
+    # four tied at the threshold; (.3, .3, .3, .1) with top_p 0.4 keeps two as well.
+    for probs, top_p in (([0.25] * 4, 0.5), ([0.3, 0.3, 0.3, 0.1], 0.4)):
+        logits = jnp.log(jnp.tile(jnp.asarray(probs), (400, 1)))
+        drawn = np.asarray(sample(logits, _keys(400), temperature=1.0, top_p=top_p, vocab_limit=None))
+        assert len(np.unique(drawn)) == 2, (probs, np.unique(drawn))
+
+
 def test_seeded_sampling_is_reproducible(text_models):
     _, ours = text_models
     prompts = [Prompt(p) for p in _prompts([4, 9], seed=4)]
@@ -157,3 +171,16 @@ def test_seeded_sampling_is_reproducible(text_models):
     b = gen(prompts, max_new_tokens=STEPS, temperature=1.0, top_p=0.9, seed=7)
     c = gen(prompts, max_new_tokens=STEPS, temperature=1.0, top_p=0.9, seed=8)
     assert a == b and a != c
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch(text_models):
+    # Request i samples with key (seed, i): the same request draws the same tokens alone, in a
+    # batch with others, and at another batch size.
+    _, ours = text_models
+    prompts = [Prompt(p) for p in _prompts([4, 9, 6], seed=5)]
+    gen = Generator(ours, pad_id=0)
+    kw = dict(max_new_tokens=STEPS, temperature=1.0, top_p=0.95, seed=3)
+    together = gen(prompts, batch_size=3, **kw)
+    assert gen(prompts, batch_size=1, **kw) == together
+    assert gen(prompts, batch_size=2, **kw) == together
+    assert len({tuple(t) for t in together}) == 3

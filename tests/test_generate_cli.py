@@ -127,3 +127,21 @@ def test_cli_rejects_mismatched_images(run, capsys):
     run_dir, _, _, images = run
     with pytest.raises(ValueError, match="image-token slots"):
         main(["--checkpoint", run_dir, "--prompt", "<image> <image>", "--image", images[0], "--format", "raw"])
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"prompt": "a", "image": "x.png"}', r"req.jsonl:3: .*unknown key\(s\) \['image'\]"),
+    ('{"prompt": "a", "images": "x.png"}', r"req.jsonl:3: .*'images' must be a list of paths"),
+    ('{"prompt": "a",}', r"req.jsonl:3: not JSON"),
+    ('["a"]', r"req.jsonl:3: a request is"),
+])
+def test_cli_names_the_bad_request_line(tmp_path, line, match):
+    # Checked before the model loads: a wrong key must not turn into a confident text-only answer.
+    path = tmp_path / "req.jsonl"
+    path.write_text('{"prompt": "ok"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=match):
+        main(["--checkpoint", str(tmp_path / "no-such-run"), "--input", str(path)])
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text('{"image": "a.png", "question": "q"}\n')
+    with pytest.raises(ValueError, match=r"shots.jsonl:1: a shot is"):
+        main(["--checkpoint", str(tmp_path / "no-such-run"), "--prompt", "q", "--shots", str(shots)])
