@@ -365,3 +365,60 @@ def test_export_refuses_what_the_format_cannot_express(tmp_path, tokenizer_dir, 
     _fails(capsys, jax_to_hf.main, ["--checkpoint", ck, *out, "--format", "qwen2", "--step", "3"], "step 3")
     _fails(capsys, hf_to_jax.main, ["--vision", vdir, "--llm", ldir, "--image-tokens", "9", "--out", ck],
            "already holds a checkpoint")
+    # A failure while building any file of the export leaves nothing behind.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax_to_hf, "generation_config", lambda ids: (_ for _ in ()).throw(ValueError("boom")))
+        _fails(capsys, jax_to_hf.main, ["--checkpoint", ck, *out, "--format", "pooled-llava"], "boom")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def _prismatic_file(path, llm, tower=None):
+    proj = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    model = {"projector": {f"mlp_projector.{k}": v for k, v in proj.state_dict().items()}, "llm_backbone": llm}
+    if tower is not None:
+        model["vision_backbone"] = tower
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model}, path)
+
+
+def test_prismatic_run_config_sets_image_tokens_and_exact_gelu(tmp_path, tokenizer_dir, capsys):
+    """RUN/config.json's arch_specifier gives the token count; the original's LLM was trained on the
+    exact-GELU timm tower, so an HF SigLIP --vision runs with exact GELU unless --vision-act says otherwise."""
+    vdir, ldir = _save_hf(tmp_path, tokenizer_dir, "gelu_pytorch_tanh")
+    llm = {f"llm.{k}": v for k, v in hf_qwen2(tie=True, vocab_size=VOCAB).state_dict().items()}
+    ck_file = str(tmp_path / "run" / "checkpoints" / "latest-checkpoint.pt")
+    _prismatic_file(ck_file, llm)
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump({"model": {"arch_specifier": "full-align+25-avgpool"}}, f)
+    ck = _convert(tmp_path, "--vision", vdir, "--llm", ldir, "--oq-checkpoint", ck_file)
+    m = checkpoint.resolve_checkpoint_config(ck).model
+    assert m.image_tokens == 25 and m.vision.hidden_act == "gelu"
+    ck = _convert(tmp_path, "--vision", vdir, "--llm", ldir, "--oq-checkpoint", ck_file,
+                  "--vision-act", "gelu_pytorch_tanh", name="tanh")
+    assert checkpoint.resolve_checkpoint_config(ck).model.vision.hidden_act == "gelu_pytorch_tanh"
+    _fails(capsys, hf_to_jax.main, ["--vision", vdir, "--llm", ldir, "--oq-checkpoint", ck_file,
+                                    "--image-tokens", "9", "--out", str(tmp_path / "x")], "run config says 25")
+    for arch, tokens in (("no-align+avgpool", 144), ("full-align+729-avgpool", 729)):
+        with open(tmp_path / "run" / "config.json", "w") as f:
+            json.dump({"model": {"arch_specifier": arch}}, f)
+        assert hf_to_jax.oq_image_tokens(ck_file) == tokens
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump({"model": {"arch_specifier": "no-align+gelu-mlp"}}, f)
+    _fails(capsys, hf_to_jax.main, ["--vision", vdir, "--llm", ldir, "--oq-checkpoint", ck_file,
+                                    "--out", str(tmp_path / "x")], "'no-align+gelu-mlp' is not an avgpool")
+
+
+def test_prismatic_bad_tensors_are_named(tmp_path, tokenizer_dir, capsys):
+    vdir, ldir = _save_hf(tmp_path, tokenizer_dir)
+    llm = {f"llm.{k}": v for k, v in hf_qwen2(tie=True, vocab_size=VOCAB).state_dict().items()}
+    args = ["--vision", vdir, "--llm", ldir, "--image-tokens", "9", "--out", str(tmp_path / "x")]
+    # A tied head saved without the embedding: the embedding is named as missing (not a KeyError).
+    _prismatic_file(str(tmp_path / "a.pt"), {k: v for k, v in llm.items() if "embed_tokens" not in k})
+    _fails(capsys, hf_to_jax.main, [*args, "--oq-checkpoint", str(tmp_path / "a.pt")], "missing", "embed_tokens")
+    # A fused timm qkv that is not 3 x hidden rows.
+    tower = {f"featurizer.{k}": v for k, v in _hf_to_timm(hf_siglip("gelu", image_size=IMAGE_SIZE).state_dict()).items()}
+    tower["featurizer.blocks.0.attn.qkv.weight"] = tower["featurizer.blocks.0.attn.qkv.weight"][:-1]
+    _prismatic_file(str(tmp_path / "b.pt"), llm, tower)
+    _fails(capsys, hf_to_jax.main, [*args, "--oq-checkpoint", str(tmp_path / "b.pt")],
+           "'blocks.0.attn.qkv.weight' has shape (95, 32)")
+    assert not os.path.exists(tmp_path / "x")

@@ -33,6 +33,19 @@ def test_tokenizer_prepared_like_original(tok):
     assert ids.vocab_len == len(tok) and max(ids.bos, ids.eos, ids.pad, ids.image) < len(tok)
 
 
+def test_tokenizer_without_image_pad_gets_one(tmp_path):
+    # Qwen2 (not 2.5) tokenizers have no <|image_pad|>; it is added after the other specials, which stay.
+    build_tiny_tokenizer(["a red circle"] * 5, str(tmp_path), vocab_size=280, image_pad=False)
+    tok = load_tokenizer(str(tmp_path))
+    ids = special_ids(tok)
+    assert ids.image == len(tok) - 1 and ids.vocab_len == len(tok)
+    assert _enc(tok, "a<s><|image_pad|><|endofchunk|>") == [_enc(tok, "a")[0], ids.bos, ids.image,
+                                                            tok.convert_tokens_to_ids("<|endofchunk|>")]
+    assert tok.decode([ids.image, ids.bos], skip_special_tokens=True) == ""
+    tok.save_pretrained(str(tmp_path / "again"))
+    assert special_ids(load_tokenizer(str(tmp_path / "again"))) == ids
+
+
 def test_caption_and_text_row_exact(tok):
     ids = special_ids(tok)
     b = SampleBuilder(tok, image_tokens=K)

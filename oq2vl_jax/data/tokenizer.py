@@ -64,6 +64,7 @@ def load_tokenizer(path: str):
     Also makes sure ``<|image_pad|>`` exists (added as a special token if missing), since packed rows
     store each image slot as that id.
     """
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
@@ -77,9 +78,9 @@ def load_tokenizer(path: str):
         tok.pad_token = PAD
     tok.padding_side = "right"
     if _token_id(tok, IMAGE_PAD) is None:
-        # Extra add: keeps the specials added above (replace=False).
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PAD]},
-                               replace_additional_special_tokens=False)
+        # add_tokens, not a second add_special_tokens: that would replace the specials added above
+        # (and its keep-them keyword is named differently in transformers 4 and 5).
+        tok.add_tokens([AddedToken(IMAGE_PAD, special=True, normalized=False)], special_tokens=True)
     for name in (EOS, PAD, IM_START):
         if _token_id(tok, name) is None:
             raise ValueError(f"tokenizer at {path!r} has no {name!r} token; is it a Qwen2 tokenizer?")
@@ -91,12 +92,13 @@ def special_ids(tok) -> SpecialIds:
                       image=_token_id(tok, IMAGE_PAD), vocab_len=len(tok))
 
 
-def build_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512):
+def build_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512, image_pad: bool = True):
     """Trains a small Qwen2-style byte-level BPE on ``texts`` offline and saves it to ``out_dir``.
 
     ``AutoTokenizer.from_pretrained(out_dir)`` then returns a Qwen2Tokenizer with eos ``<|im_end|>``,
     pad ``<|endoftext|>``, ``<|im_start|>``, ``<|image_pad|>`` and a ChatML chat template. As in Qwen,
     the specials get the ids right after the BPE vocabulary. Returns the saved (unprepared) tokenizer.
+    ``image_pad=False`` leaves out ``<|image_pad|>``, as Qwen2 (not 2.5) tokenizers do.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -113,7 +115,7 @@ def build_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 5
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(list(texts), trainer=trainer)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
-                            for s in (PAD, IM_START, EOS, IMAGE_PAD)])
+                            for s in (PAD, IM_START, EOS) + ((IMAGE_PAD,) if image_pad else ())])
     hf = Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token=EOS, pad_token=PAD,
                         errors="replace", model_max_length=32768, clean_up_tokenization_spaces=False,
                         split_special_tokens=False)

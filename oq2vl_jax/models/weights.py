@@ -76,7 +76,10 @@ def timm_to_hf_siglip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         pre = f"encoder.layers.{i}."
         if rest.startswith("attn.qkv."):
             leaf = rest.rsplit(".", 1)[1]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(v), 3, axis=0)):
+            v = np.asarray(v)
+            if v.ndim not in (1, 2) or v.shape[0] % 3:
+                raise WeightError(f"timm SigLIP tensor {k!r} has shape {v.shape}; a fused q;k;v needs 3*hidden rows")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(v, 3, axis=0)):
                 out[f"{pre}self_attn.{name}.{leaf}"] = part
             continue
         rest = (rest.replace("norm1.", "layer_norm1.").replace("norm2.", "layer_norm2.")

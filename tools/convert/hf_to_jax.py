@@ -16,10 +16,12 @@ DIR/checkpoints/0/params, the layout training starts from (`train.init_from`) an
 --vision: a HF SiglipVisionModel / SiglipModel directory, a timm/open_clip ViT-SigLIP directory
 (config.json with "architecture") or a single timm weights file (.safetensors / .bin). The tower keeps
 its source's GELU: tanh for HF SigLIP, exact for timm. Open-Qwen2VL ran the timm tower, so to run HF
-SigLIP weights as the original did pass --vision-act gelu.
+SigLIP weights as the original did pass --vision-act gelu (the default with --oq-checkpoint).
 --llm: a HF Qwen2/Qwen2.5 directory (config, tokenizer; its weights unless --oq-checkpoint).
 --oq-checkpoint: a prismatic `latest-checkpoint.pt` ({"model": {"projector", "llm_backbone"[,
-"vision_backbone"]}}); its projector and LLM (and vision tower, if saved) replace the HF weights.
+"vision_backbone"]}}); its projector and LLM (and vision tower, if saved) replace the HF weights,
+and the image token count comes from the run's config.json (RUN/config.json for
+RUN/checkpoints/latest-checkpoint.pt) unless --image-tokens says it.
 Without it the projector is initialised exactly as the original does (torch.manual_seed(1152), then
 nn.Linear's default init).
 
@@ -199,6 +201,23 @@ def read_oq_checkpoint(path: str) -> dict[str, LazyTensors]:
     return out
 
 
+def oq_image_tokens(ckpt_path: str) -> int | None:
+    """Image tokens of a prismatic run, from `model.arch_specifier` in the run's config.json
+    (RUN/checkpoints/latest-checkpoint.pt → RUN/config.json); None when there is no config.
+    As the original: "...+729-avgpool" → 729, "...+avgpool" → 144."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        arch = (json.load(f).get("model") or {}).get("arch_specifier")
+    if arch is None:
+        return None
+    if not arch.endswith("avgpool"):
+        raise ConversionError(f"{path}: arch_specifier {arch!r} is not an avgpool projector; only those convert")
+    head = arch.split("+")[-1].split("-")[0]
+    return int(head) if head.isdigit() else 144
+
+
 # -- conversion ------------------------------------------------------------------------------------
 
 
@@ -210,7 +229,7 @@ def original_projector(vision_dim: int, text_dim: int, seed: int) -> dict[str, n
 
 def _check_tied_head(sd, source: str) -> None:
     """A tied model drops lm_head on import; refuse if the checkpoint's head is not the embedding."""
-    if "lm_head.weight" in sd:
+    if "lm_head.weight" in sd and "model.embed_tokens.weight" in sd:  # a missing embedding is named later
         head, embed = sd["lm_head.weight"], sd["model.embed_tokens.weight"]
         if head.shape != embed.shape or not np.array_equal(head, embed):
             raise WeightError(f"{source}: lm_head.weight differs from model.embed_tokens.weight but the "
@@ -239,13 +258,15 @@ def parse_args(argv=None):
     p.add_argument("--vision", required=True, help="HF SigLIP dir, timm dir or timm weights file")
     p.add_argument("--llm", required=True, help="HF Qwen2 dir (config, tokenizer, weights)")
     p.add_argument("--oq-checkpoint", help="Open-Qwen2VL / prismatic latest-checkpoint.pt")
-    p.add_argument("--image-tokens", type=int, default=144, help="image tokens after pooling (144, 729, ...)")
+    p.add_argument("--image-tokens", type=int, help="image tokens after pooling (144, 729, ...; default: the "
+                   "--oq-checkpoint run's arch_specifier, else 144)")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not hold one already)")
     p.add_argument("--dtype", choices=DTYPES, help="cast all weights (default: keep each tensor's dtype)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --llm)")
     p.add_argument("--vision-feature-layer", type=int, default=-2,
                    help="HF hidden_states index of the image features (default -2, as the original)")
-    p.add_argument("--vision-act", choices=VISION_ACTS, help="override the tower's GELU flavour")
+    p.add_argument("--vision-act", choices=VISION_ACTS, help="override the tower's GELU flavour (default: the "
+                   "source's; exact gelu with --oq-checkpoint, which was trained on timm's tower)")
     p.add_argument("--vision-heads", type=int, help="attention heads of a timm tower that is not so400m")
     p.add_argument("--vision-image-size", type=int, help="input size of a timm tower (default 384 for 27x27/14)")
     p.add_argument("--projector-act", choices=VISION_ACTS, default="gelu", help="projector GELU (original: gelu)")
@@ -263,10 +284,16 @@ def convert(args) -> str:
             raise ConversionError(f"{flag} {path!r} does not exist")
 
     vision_cfg, vision_sd = read_vision(args.vision, args.vision_heads, args.vision_image_size)
-    vision_cfg = dataclasses.replace(vision_cfg, feature_layer=args.vision_feature_layer,
-                                     hidden_act=args.vision_act or vision_cfg.hidden_act)
+    # Open-Qwen2VL's projector and LLM were trained on timm's exact-GELU tower, whatever --vision is.
+    act = args.vision_act or ("gelu" if args.oq_checkpoint else vision_cfg.hidden_act)
+    vision_cfg = dataclasses.replace(vision_cfg, feature_layer=args.vision_feature_layer, hidden_act=act)
     text_cfg = read_llm_config(args.llm)
     oq = read_oq_checkpoint(args.oq_checkpoint) if args.oq_checkpoint else {}
+    image_tokens = args.image_tokens
+    run_tokens = oq_image_tokens(args.oq_checkpoint) if args.oq_checkpoint else None
+    if image_tokens is not None and run_tokens is not None and image_tokens != run_tokens:
+        raise ConversionError(f"--image-tokens {image_tokens}, but the checkpoint's run config says {run_tokens}")
+    image_tokens = image_tokens or run_tokens or 144
     if VISION in oq:
         vision_sd = oq[VISION]  # the checkpoint saved its (possibly trained) tower
     llm_sd = oq[LLM] if LLM in oq else read_model_dir(args.llm)
@@ -280,7 +307,7 @@ def convert(args) -> str:
     if ids.vocab_len > text_cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {ids.vocab_len} tokens but the LLM only {text_cfg.vocab_size} "
                               "embedding rows")
-    model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=args.image_tokens,
+    model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=image_tokens,
                             projector_hidden_act=args.projector_act, image_token_id=ids.image)
 
     abstract = flat_params(build_abstract(model_cfg)[1])

@@ -231,6 +231,9 @@ def export(args) -> str:
         raise ExportError(f"the tokenizer's {IMAGE_PAD} is id {ids.image} but the model's image_token_id is "
                           f"{m.image_token_id}")
 
+    # Every file's content is built (and can fail) before the first is written: no half-written
+    # export. The processor first, as it needs no weights (e.g. a grid the processor cannot express).
+    processor = {} if args.format == "qwen2" else processor_files(m, IMAGE_PAD)
     step, flat = read_checkpoint(args.checkpoint, m, args.step)
     if args.dtype:
         import ml_dtypes
@@ -239,6 +242,9 @@ def export(args) -> str:
         flat = {k: v.astype(target, copy=False) for k, v in flat.items()}
     sd = hf_state_dict(flat, args.format)
     dtype = _dtype_name(flat[(LLM, "model", "embed_tokens", "embedding")])
+    pooled = args.format == "pooled-llava"
+    config = qwen2_config(m, ids, dtype) if args.format == "qwen2" else llava_config(m, ids, dtype, pooled)
+    files = {"generation_config.json": generation_config(ids), "config.json": config, **processor}
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -247,14 +253,10 @@ def export(args) -> str:
     # The prepared tokenizer, not the raw files: a run's `tokenizer` may be a stock one whose `<s>`
     # is not yet a special token, and HF users must tokenize prompts as training did.
     tokenizer.save_pretrained(out)
-    _write_json(os.path.join(out, "generation_config.json"), generation_config(ids))
-    if args.format == "qwen2":
-        _write_json(os.path.join(out, "config.json"), qwen2_config(m, ids, dtype))
-        return out
-    pooled = args.format == "pooled-llava"
-    _write_json(os.path.join(out, "config.json"), llava_config(m, ids, dtype, pooled))
-    for name, obj in processor_files(m, IMAGE_PAD).items():
+    for name, obj in files.items():
         _write_json(os.path.join(out, name), obj)
+    if args.format == "qwen2":
+        return out
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:  # shared by tokenizer and processor
         f.write(chat_template(IMAGE_PAD))
     if pooled:
