@@ -422,3 +422,31 @@ def test_prismatic_bad_tensors_are_named(tmp_path, tokenizer_dir, capsys):
     _fails(capsys, hf_to_jax.main, [*args, "--oq-checkpoint", str(tmp_path / "b.pt")],
            "'blocks.0.attn.qkv.weight' has shape (95, 32)")
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_prismatic_export_round_trips(tmp_path, tokenizer_dir, tie):
+    """ours -> latest-checkpoint.pt (float32, torch layouts, tied head written) -> ours: bit-identical."""
+    vdir, ldir = _save_hf(tmp_path, tokenizer_dir, "gelu", tie=tie, llm_dtype=torch.bfloat16)
+    ck = _convert(tmp_path, "--vision", vdir, "--llm", ldir, "--image-tokens", "9")
+    out = _export(tmp_path, ck, "prismatic")
+    ck_file = os.path.join(out, "checkpoints", "latest-checkpoint.pt")
+    model = torch.load(ck_file, weights_only=True)["model"]
+    assert sorted(model) == ["llm_backbone", "projector"]
+    assert sorted(model["projector"]) == [f"mlp_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
+    llm = model["llm_backbone"]
+    assert all(v.dtype == torch.float32 for v in llm.values())
+    want = {k: v.bfloat16().float() for k, v in hf_qwen2(tie=tie, vocab_size=VOCAB).state_dict().items()}
+    assert sorted(llm) == sorted(f"llm.{k}" for k in want) and "llm.lm_head.weight" in llm
+    for k, v in want.items():
+        torch.testing.assert_close(llm[f"llm.{k}"], v, rtol=0, atol=0, msg=k)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f) == {"model": {"arch_specifier": "full-align+9-avgpool"}}
+
+    back = _convert(tmp_path, "--vision", vdir, "--llm", ldir, "--oq-checkpoint", ck_file, "--dtype", "float32",
+                    name="back")
+    assert checkpoint.resolve_checkpoint_config(back).model.image_tokens == 9
+    a, b = (checkpoint.flatten(checkpoint.load_params_as_saved(d, None)[1]) for d in (ck, back))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]).astype(np.float32), err_msg=str(k))

@@ -12,6 +12,12 @@ Formats:
                 template. Only for identity pooling (image_tokens = the full patch grid, e.g. 729).
   pooled-llava  any pooling: the same Llava layout with model_type "pooled_llava" and two small code
                 files that add the pooling step; load with trust_remote_code=True.
+  prismatic     back to the original code: OUT/checkpoints/latest-checkpoint.pt = {"model":
+                {"projector": mlp_projector.0/2.*, "llm_backbone": llm.<Qwen2 keys>}} in float32 with
+                both embed_tokens and lm_head (spec checklist 8), as the original saves a run with a
+                frozen tower (no vision_backbone: it loads timm's). OUT/config.json holds only
+                model.arch_specifier (e.g. "no-align+avgpool"); merge it into the run config the
+                original's loader expects. hf_to_jax.py --oq-checkpoint reads both back.
 
 Weights are written in the layouts every transformers version loads (the SigLIP tower under
 `vision_tower.vision_model.`, the LM under `language_model.model.`; config.json carries rope_theta at
@@ -35,7 +41,7 @@ from oq2vl_jax.models import build_abstract, flat_params
 from oq2vl_jax.models.config import ModelConfig
 from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, ours_to_hf
 
-FORMATS = ("qwen2", "llava", "pooled-llava")
+FORMATS = ("qwen2", "llava", "pooled-llava", "prismatic")
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pooled_llava")
 REMOTE_CODE_FILES = ("configuration_pooled_llava.py", "modeling_pooled_llava.py")
 # Qwen2.5's context; RoPE has no table, this only bounds generation defaults in transformers.
@@ -75,6 +81,25 @@ def hf_state_dict(flat, fmt: str) -> dict[str, np.ndarray]:
     sd.update({f"multi_modal_projector.{k}": v for k, v in ours_to_hf(PROJECTOR, flat).items()})
     sd.update({f"language_model.{k}": v for k, v in lm.items()})  # model.* and (untied) lm_head.weight
     return sd
+
+
+def prismatic_state(flat) -> dict:
+    """The original's checkpoint dict: float32 torch tensors, torch [out, in] layouts, tied head written."""
+    import torch
+
+    def tensors(sd, prefix):
+        return {prefix + k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()}
+
+    lm = ours_to_hf(LLM, flat)
+    lm.setdefault("lm_head.weight", lm["model.embed_tokens.weight"])  # a tied torch model saves both
+    projector = {k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+                 for k, v in ours_to_hf(PROJECTOR, flat).items()}
+    return {"model": {"projector": tensors(projector, "mlp_projector."), "llm_backbone": tensors(lm, "llm.")}}
+
+
+def arch_specifier(m: ModelConfig) -> str:
+    """The original's name for the projector; its loader reads the token count from it."""
+    return "no-align+avgpool" if m.image_tokens == 144 else f"full-align+{m.image_tokens}-avgpool"
 
 
 def _dtype_name(a: np.ndarray) -> str:
@@ -201,6 +226,15 @@ def processor_files(m: ModelConfig, image_token: str) -> dict[str, dict]:
 def check_format(m: ModelConfig, fmt: str) -> None:
     if fmt == "qwen2":
         return
+    if fmt == "prismatic":
+        v = m.vision
+        if v.feature_post_layernorm or v.num_layers_run() != v.num_hidden_layers - 1:
+            raise ExportError("--format prismatic: the original takes the second-to-last block's output without "
+                              f"post_layernorm; this model uses feature_layer={v.feature_layer}")
+        if m.projector_hidden_act != "gelu":
+            raise ExportError(f"--format prismatic: the original's projector uses exact GELU, this model "
+                              f"{m.projector_hidden_act!r}")
+        return
     if m.vision.feature_post_layernorm:
         raise ExportError("vision.feature_post_layernorm=true cannot be expressed by Llava, which selects "
                           "hidden states before post_layernorm")
@@ -213,6 +247,22 @@ def _write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def write_prismatic(out: str, m: ModelConfig, flat) -> str:
+    import torch
+
+    if m.vision.hidden_act != "gelu":
+        print(f"jax_to_hf: note: this model's tower uses {m.vision.hidden_act!r}; the original runs timm's "
+              "tower with exact GELU", file=sys.stderr)
+    state = prismatic_state(flat)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    path = os.path.join(out, "checkpoints", "latest-checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # never a half-written latest-checkpoint.pt
+    _write_json(os.path.join(out, "config.json"), {"model": {"arch_specifier": arch_specifier(m)}})
+    return out
 
 
 def export(args) -> str:
@@ -233,8 +283,10 @@ def export(args) -> str:
 
     # Every file's content is built (and can fail) before the first is written: no half-written
     # export. The processor first, as it needs no weights (e.g. a grid the processor cannot express).
-    processor = {} if args.format == "qwen2" else processor_files(m, IMAGE_PAD)
+    processor = {} if args.format in ("qwen2", "prismatic") else processor_files(m, IMAGE_PAD)
     step, flat = read_checkpoint(args.checkpoint, m, args.step)
+    if args.format == "prismatic":
+        return write_prismatic(args.out, m, flat)
     if args.dtype:
         import ml_dtypes
 
