@@ -66,6 +66,8 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
+        # A save killed mid-way leaves STEP.orbax-checkpoint-tmp-*: never resumed from, but tens of GB.
+        cleanup_tmp_directories=not read_only,
     )
     handlers = None
     if save_concurrent_gb is not None:
@@ -122,6 +124,7 @@ def load_params(run_dir: str, abstract_params: Mapping, step: int | None = None)
     elif step not in mngr.all_steps():
         raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(run_dir)} "
                                 f"(have {sorted(mngr.all_steps())})")
+    check_saved_params(run_dir, step, abstract_params)
     params = restore(mngr, step, params=abstract_params)[PARAMS]
     mngr.close()
     return step, params
@@ -173,6 +176,26 @@ def saved_param_shapes(run_dir: str, step: int) -> dict:
     meta = ocp.PyTreeCheckpointHandler().metadata(path)
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's parameters do not fit the model config; the message names them."""
+
+
+def check_saved_params(run_dir: str, step: int, abstract_params: Mapping) -> None:
+    """Raises a ValueError naming the parameters a model (nested abstract params) and the checkpoint
+    at `step` disagree on (missing, extra or differently shaped), instead of Orbax's tree error."""
+    saved = {k: tuple(v.shape) for k, v in flatten(saved_param_shapes(run_dir, step)).items()}
+    want = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
+    name = lambda p: ".".join(map(str, p))  # noqa: E731
+    problems = [f"missing {name(k)}" for k in sorted(want.keys() - saved.keys(), key=name)]
+    problems += [f"extra {name(k)}" for k in sorted(saved.keys() - want.keys(), key=name)]
+    problems += [f"{name(k)} saved {saved[k]}, model {want[k]}" for k in sorted(want.keys() & saved.keys(), key=name)
+                 if saved[k] != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointMismatch(f"{checkpoint_dir(run_dir)}/{step} does not fit this model config: "
+                         f"{'; '.join(problems[:5])}{more}")
 
 
 def load_params_as_saved(run_dir: str, step: int | None = None) -> tuple[int, dict]:

@@ -69,6 +69,17 @@ class OptimConfig:
     # (regex, multiplier) pairs scaling the learning rate of matching parameters.
     lr_multipliers: tuple[tuple[str, float], ...] = ()
 
+    def __post_init__(self):
+        checks = {"lr >= 0": self.lr >= 0, "0 <= warmup_ratio <= 1": 0 <= self.warmup_ratio <= 1,
+                  "0 <= final_lr_ratio <= 1": 0 <= self.final_lr_ratio <= 1, "0 <= b1 < 1": 0 <= self.b1 < 1,
+                  "0 <= b2 < 1": 0 <= self.b2 < 1, "eps > 0": self.eps > 0, "weight_decay >= 0": self.weight_decay >= 0,
+                  "clip_grad_norm >= 0 (0 = off)": self.clip_grad_norm >= 0,
+                  "schedule_offset >= 0": self.schedule_offset >= 0, "schedule_steps >= 0": self.schedule_steps >= 0,
+                  "lr_multipliers >= 0": all(m >= 0 for _, m in self.lr_multipliers)}
+        failed = [name for name, ok in checks.items() if not ok]  # NaN fails every comparison too
+        if failed:
+            raise ValueError(f"need {', '.join(failed)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -97,8 +108,13 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per-device bf16 dense peak for MFU (H100 SXM)
 
     def __post_init__(self):
-        if self.steps < 1 or self.micro_batches < 1 or self.loss_group_rows < 1 or self.epochs < 0:
-            raise ValueError("steps, micro_batches and loss_group_rows must be >= 1, epochs >= 0")
+        at_least_1 = ("steps", "micro_batches", "loss_group_rows", "log_every", "checkpoint_every", "eval_batches")
+        low = [f"{n} >= 1" for n in at_least_1 if not getattr(self, n) >= 1]
+        low += [f"{n} >= 0" for n in ("epochs", "eval_every", "keep_last", "keep_every") if not getattr(self, n) >= 0]
+        if not self.peak_tflops > 0:
+            low.append("peak_tflops > 0")
+        if low:
+            raise ValueError(f"need {', '.join(low)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +123,10 @@ class MeshConfig:
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
 
+    def __post_init__(self):
+        bad = [f"{n}={getattr(self, n)}" for n in ("data", "fsdp", "tensor") if getattr(self, n) < 1 and getattr(self, n) != -1]
+        if bad:
+            raise ValueError(f"mesh sizes must be >= 1 or -1 (all remaining devices), got {', '.join(bad)}")
 
 @dataclasses.dataclass(frozen=True)
 class Config:

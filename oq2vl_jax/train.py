@@ -220,6 +220,7 @@ class Trainer:
                                   f"{saved}; this run reads it as {self.data_layout()} (global batch, "
                                   f"micro-batches, processes, sources, weights, seed and workers must match "
                                   f"to resume exactly)")
+            ckpt.check_saved_params(self.workdir, step, self._abstract_params())
             got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
                                opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
             train, frozen = split_params(ckpt.flatten(got[ckpt.PARAMS]), self.cfg)
@@ -269,18 +270,19 @@ class Trainer:
 def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     """Trains to cfg.train.steps (or until SIGTERM, or for `stop_at` more steps in a time-boxed job:
     saves and returns there, the schedule unchanged); returns the last logged metrics."""
-    from oq2vl_jax.data.loader import make_train_iterator
+    from oq2vl_jax.data.loader import check_sources, make_train_iterator
 
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: nothing to train on")
+    if cfg.train.eval_every and not cfg.data.eval_source:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs data.eval_source (or eval_every: 0)")
     cfg = resolve_steps(cfg)
     os.makedirs(workdir, exist_ok=True)
     main_process = jax.process_index() == 0
-    if main_process:
-        with open(os.path.join(workdir, ckpt.CONFIG_FILE), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     check_tokenizer(cfg)
     check_segments(cfg)
+    if cfg.train.eval_every:
+        check_sources(loader_config(cfg, 1, [(cfg.data.eval_source, 1.0)], shuffle=False))
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
@@ -289,6 +291,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     micro = cfg.train.micro_batches
     data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
     state, step = trainer.initial_state(data_iter)
+    # Only now: a resume refused above must not replace the config its checkpoints were made with.
+    if main_process:
+        with open(os.path.join(workdir, ckpt.CONFIG_FILE), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     start_step = step
     total_steps = cfg.train.steps
     logger = MetricsLogger(workdir, total_steps, step, enabled=main_process)
@@ -352,14 +358,14 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             pending.append((step, metrics, n_images))
             by_signal = agreed(bool(stop["signal"]))  # SIGTERM on any host stops all at this step
             halt = by_signal or (stop_at is not None and step - start_step >= stop_at)
-            evaluate = bool(cfg.train.eval_every and cfg.data.eval_source and step % cfg.train.eval_every == 0)
+            evaluate = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
             save = step % cfg.train.checkpoint_every == 0 or step == total_steps or halt
             if save or evaluate or halt or step % cfg.train.log_every == 0:
                 settle()  # this step
+            if save:  # before eval: an eval that fails must not cost the checkpoint
+                trainer.save(state, step, data_iter)
             if evaluate:
                 logger.log(step, trainer.evaluate(state), prefix="eval_")
-            if save:
-                trainer.save(state, step, data_iter)
             if halt:
                 log.warning("stopping at step %d (%s), checkpoint saved", step, "SIGTERM" if by_signal else "--stop-at")
                 break
@@ -400,7 +406,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     try:
         run(cfg, workdir, stop_at=args.stop_at)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ckpt.CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -31,6 +31,20 @@ def test_bad_keys_and_values_are_named():
         load_config(path, ["model.image_tokens=10"])  # not a square
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(path, ["train.steps"])
+    with pytest.raises(ConfigError, match=r"override 'optim.lr_multipliers=.*not valid YAML"):
+        load_config(path, ['optim.lr_multipliers=[["a\\.", 1]]'])  # "\." is no YAML escape
+    # Values that would crash minutes in (after the first compile) are refused at load.
+    for override, match in (("train.checkpoint_every=0", "checkpoint_every >= 1"), ("train.log_every=0", "log_every"),
+                            ("train.keep_last=-1", "keep_last >= 0"), ("mesh.fsdp=0", "fsdp=0"),
+                            ("optim.lr=.nan", "lr >= 0"), ("optim.warmup_ratio=1.5", "warmup_ratio"),
+                            ("optim.b2=1", "b2 < 1"), ("optim.lr_multipliers=[[a, -1]]", "lr_multipliers >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(path, [override])
+
+
+def test_lr_multipliers_load_from_yaml():
+    cfg = load_config(CONFIGS[0], ["optim.lr_multipliers=[['^multi_modal_projector\\.', 10], [lm_head, 0.5]]"])
+    assert cfg.optim.lr_multipliers == ((r"^multi_modal_projector\.", 10.0), ("lm_head", 0.5))
 
 
 def test_epochs_set_steps_from_the_packed_row_count(tmp_path):

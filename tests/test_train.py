@@ -265,3 +265,52 @@ def test_steps_are_traced_inside_the_mesh(tmp_path):
     hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
     assert hlo.count("sharding_constraint") >= cfg.model.vision.num_hidden_layers
     trainer.mngr.close()
+
+
+def test_bad_eval_source_fails_at_start_up(demo, tmp_path, capsys):
+    from oq2vl_jax.train import main
+
+    ok = [f"tokenizer={demo}/tokenizer", f"data.sources=[{{path: {demo}/packed}}]", "train.eval_every=3"]
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.eval_source=/no/eval"]) == 2
+    assert "/no/eval" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.eval_source=null"]) == 2
+    assert "train.eval_every=3 needs data.eval_source" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_refused_resume_keeps_config_and_names_the_parameter(demo, tmp_path, capsys):
+    from oq2vl_jax.train import main, run
+
+    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
+    saved = (tmp_path / "config.yaml").read_text()
+    argv = ["--config", TINY, "--workdir", str(tmp_path), "--set", f"tokenizer={demo}/tokenizer",
+            f"data.sources=[{{path: {demo}/packed}}]", "train.eval_every=0", *STEPS]
+    assert main([*argv, "model.text.num_hidden_layers=3"]) == 2
+    assert "missing language_model.model.layers.2." in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == saved  # generate/export still read the right model
+    assert main([*argv, "model.text.intermediate_size=40"]) == 2
+    assert "layers.1.mlp.gate_proj.kernel saved (64, 256), model (64, 40)" in capsys.readouterr().err
+
+
+def test_checkpoint_is_saved_before_a_failing_eval(demo, tmp_path, monkeypatch):
+    from oq2vl_jax import train
+
+    def broken(self, state):
+        raise OSError("eval data went away")
+
+    monkeypatch.setattr(train.Trainer, "evaluate", broken)
+    with pytest.raises(OSError, match="went away"):
+        train.run(tiny(demo, "train.steps=10", "train.checkpoint_every=3", "train.eval_every=3"), str(tmp_path))
+    assert ckpt.make_manager(str(tmp_path), read_only=True).latest_step() == 3
+
+
+def test_a_partial_save_left_by_a_kill_is_removed(demo, tmp_path):
+    from oq2vl_jax.train import run
+
+    run(tiny(demo, *STEPS), str(tmp_path), stop_at=2)
+    # What a save killed mid-way leaves (Orbax writes STEP.orbax-checkpoint-tmp-*, renamed when done).
+    partial = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
+    (partial / "params").mkdir(parents=True)
+    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
+    assert not partial.exists()
+    assert ckpt.make_manager(str(tmp_path), read_only=True).latest_step() == 3

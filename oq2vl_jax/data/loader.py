@@ -111,6 +111,14 @@ def _check_source(cfg: LoaderConfig, path: str) -> None:
         raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
 
 
+def check_sources(cfg: LoaderConfig) -> None:
+    """Every source has rows and agrees with the loader settings; for sources read only later (eval),
+    so a bad path fails at start-up, not after hours of training."""
+    for path, _ in cfg.sources:
+        resolve_source(path)
+        _check_source(cfg, path)
+
+
 class RowDecoder:
     """Grain map: row record bytes → fixed-shape numpy dict (runs in worker processes)."""
 
