@@ -349,9 +349,13 @@ def _request(r) -> dict:
     extra = set(r) - {"prompt", "images"}
     if extra:  # e.g. "image": silently ignoring it would caption without the image
         raise ValueError(f"request has unknown key(s) {sorted(extra)}; a request has 'prompt' and 'images'")
-    images = r.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(im, str) for im in images):
-        raise ValueError(f"request 'images' must be a list of paths, got {images!r}")
+    images = r.get("images")
+    images = [] if images is None else images
+    # A list of images (paths, PIL images or arrays, see load_image); a bare path would be iterated
+    # character by character.
+    if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, (list, tuple)):
+        raise ValueError(f"request 'images' must be a list of images (paths), got {images!r:.200}")
+    images = list(images)
     return {"prompt": r["prompt"], "images": images}
 
 

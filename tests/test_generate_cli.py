@@ -131,7 +131,7 @@ def test_cli_rejects_mismatched_images(run, capsys):
 
 @pytest.mark.parametrize("line, match", [
     ('{"prompt": "a", "image": "x.png"}', r"req.jsonl:3: .*unknown key\(s\) \['image'\]"),
-    ('{"prompt": "a", "images": "x.png"}', r"req.jsonl:3: .*'images' must be a list of paths"),
+    ('{"prompt": "a", "images": "x.png"}', r"req.jsonl:3: .*'images' must be a list of images"),
     ('{"prompt": "a",}', r"req.jsonl:3: not JSON"),
     ('["a"]', r"req.jsonl:3: a request is"),
 ])
