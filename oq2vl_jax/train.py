@@ -281,8 +281,6 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     main_process = jax.process_index() == 0
     check_tokenizer(cfg)
     check_segments(cfg)
-    if cfg.train.eval_every:
-        check_sources(loader_config(cfg, 1, [(cfg.data.eval_source, 1.0)], shuffle=False))
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
@@ -290,6 +288,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     # images would be gigabytes); a step stacks `micro_batches` of them.
     micro = cfg.train.micro_batches
     data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
+    if cfg.train.eval_every:  # read only at the first eval: a bad one must fail now, not hours in
+        check_sources(loader_config(cfg, 1, [(cfg.data.eval_source, 1.0)], shuffle=False))
     state, step = trainer.initial_state(data_iter)
     # Only now: a resume refused above must not replace the config its checkpoints were made with.
     if main_process:

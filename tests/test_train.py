@@ -309,12 +309,13 @@ def test_a_partial_save_left_by_a_kill_is_removed(tmp_path):
     ckpt.save(mngr, 3, params={"w": np.ones(4, np.float32)})
     mngr.close()
     # What a save killed mid-way leaves (Orbax writes STEP.orbax-checkpoint-tmp-*, renamed when done):
-    # never resumed from, and removed when the next run opens the checkpoints.
+    # never resumed from, and removed by the next run (in the background; its first save waits for it).
     partial = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
     (partial / "params").mkdir(parents=True)
     assert ckpt.make_manager(str(tmp_path), read_only=True).latest_step() == 3 and partial.exists()
     mngr = ckpt.make_manager(str(tmp_path))
     assert mngr.latest_step() == 3
-    mngr.wait_until_finished()  # the clean-up runs in the background
+    ckpt.save(mngr, 4, params={"w": np.ones(4, np.float32)})
+    mngr.wait_until_finished()
     mngr.close()
     assert not partial.exists()
