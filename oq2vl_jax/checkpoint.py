@@ -3,7 +3,7 @@
     DIR/config.yaml                       the resolved run config (model, tokenizer, ...)
     DIR/checkpoints/<step>/params         parameters, a nested dict {"language_model": {"model": ...}}
     DIR/checkpoints/<step>/opt_state      optimiser state (training checkpoints only)
-    DIR/checkpoints/<step>/meta           JSON: step, rng seed, data-iterator position summary
+    DIR/checkpoints/<step>/meta           JSON: step, rng seed
     DIR/checkpoints/<step>/data           Grain iterator state (one JSON per process)
 
 Orbax writes each step to a temporary directory and renames it when complete, so `latest_step()`

@@ -214,15 +214,15 @@ class Trainer:
         """(state, step): the latest checkpoint in the workdir, else init_from, else random."""
         step = self.mngr.latest_step()
         if step is not None:
-            saved = ckpt.restore(self.mngr, step, params=None, meta=True)[ckpt.META].get("data")
-            if data_iter is not None and saved is not None and saved != self.data_layout():
-                raise ConfigError(f"{ckpt.checkpoint_dir(self.workdir)}/{step} was saved reading the data as "
-                                  f"{saved}; this run reads it as {self.data_layout()} (global batch, "
-                                  f"micro-batches, processes, sources, weights, seed and workers must match "
-                                  f"to resume exactly)")
             ckpt.check_saved_params(self.workdir, step, self._abstract_params())
-            got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
-                               opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
+            from oq2vl_jax.data.loader import DataStateMismatch
+
+            try:
+                got = ckpt.restore(self.mngr, step, params=self._abstract_params(),
+                                   opt_state=self.abstract_state["opt_state"], data_iter=data_iter)
+            except DataStateMismatch as e:  # other batch, processes, seed, sources, or files/rows under a path
+                raise ConfigError(f"{ckpt.checkpoint_dir(self.workdir)}/{step}: {e} (to resume exactly, "
+                                  f"read the data as the saved run did)") from None
             train, frozen = split_params(ckpt.flatten(got[ckpt.PARAMS]), self.cfg)
             state = {"step": jax.device_put(jnp.int32(step), self.shardings["step"]), "params": train,
                      "frozen": frozen, "opt_state": got[ckpt.OPT_STATE]}
@@ -235,16 +235,8 @@ class Trainer:
         model = build_sharded(self.cfg.model, self.mesh, seed=self.cfg.train.seed)
         return self._with_fresh_opt(flat_params(model)), 0
 
-    def data_layout(self) -> dict:
-        """What the saved data-iterator position means; a resume must read the data the same way."""
-        d = self.cfg.data
-        return {"micro_batch_rows": d.global_batch_size // self.cfg.train.micro_batches,
-                "process_count": jax.process_count(), "sources": [s.path for s in d.sources],
-                "weights": [s.weight for s in d.sources], "seed": d.seed,
-                "num_workers": d.num_workers}  # the saved iterator state's form depends on it
-
     def save(self, state: dict, step: int, data_iter) -> None:
-        meta = {"step": step, "seed": self.cfg.train.seed, "data": self.data_layout()}
+        meta = {"step": step, "seed": self.cfg.train.seed}
         ckpt.save(self.mngr, step, params=all_params(state), opt_state=state["opt_state"], meta=meta,
                   data_iter=data_iter)
 
@@ -308,6 +300,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     n_dev = jax.device_count()
     shardings = None
     last, window_tokens, window_flops, window_start = {}, 0.0, 0.0, time.perf_counter()
+    corrupt_total = 0
 
     def check(step_done: int, metrics: dict) -> dict:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -342,6 +335,11 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
         while step < total_steps:
             parts = [next(data_iter) for _ in range(micro)]  # host work overlaps the step in flight
             local = parts[0] if micro == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            corrupt = int(np.sum(local.get("corrupt", 0)))
+            if corrupt:  # damaged records/images: padding / masked out by the loader, counted here
+                corrupt_total += corrupt
+                log.warning("step %d: %d damaged record(s)/image(s) in this process's data, skipped "
+                            "(%d so far)", step + 1, corrupt, corrupt_total)
             if shardings is None:
                 example = {k: np.asarray(local[k]) for k in MODEL_KEYS}
                 example = {k: v.reshape((micro, -1) + v.shape[1:]) for k, v in example.items()}

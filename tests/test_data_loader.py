@@ -49,7 +49,8 @@ def test_batch_shapes_and_values(data):
         "input_ids": ((2, SEQ), "int32"), "segment_ids": ((2, SEQ), "int32"),
         "positions": ((2, SEQ), "int32"), "loss_mask": ((2, SEQ), "int32"),
         "images": ((2, MAXI, SIZE, SIZE, 3), "float32"), "image_mask": ((2, MAXI), "bool"),
-        "image_segment_ids": ((2, MAXI), "int32")}
+        "image_segment_ids": ((2, MAXI), "int32"), "corrupt": ((2,), "int32")}
+    assert (b["corrupt"] == 0).all()
     assert b["images"].min() >= -1 and b["images"].max() <= 1 and b["images"][b["image_mask"]].std() > 0.1
     assert (b["images"][~b["image_mask"]] == 0).all()
     # One image per caption: slots in use = segments in the row.
@@ -190,3 +191,96 @@ def test_unpacked_sft_rows(data):
         b = next(it)
         assert (b["segment_ids"].max(1) == 1).all() and (b["positions"][:, 0] == 0).all()
         assert (b["image_mask"].sum(1) <= 1).all() and (b["loss_mask"].sum(1) > 0).all()
+
+
+def _rewrite_first_record(src_dir, dst_dir, damage):
+    """A copy of the packed source whose first row record is passed through `damage`."""
+    import shutil
+
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    shutil.copytree(src_dir, dst_dir)
+    path = os.path.join(dst_dir, "00000.array_record")
+    r = ArrayRecordReader(path)
+    recs = [r.read() for _ in range(r.num_records())]
+    r.close()
+    recs[0] = damage(recs[0])
+    w = ArrayRecordWriter(path, "group_size:1")
+    for rec in recs:
+        w.write(rec)
+    w.close()
+    return recs
+
+
+def test_damaged_image_or_record_is_skipped_and_counted(data, tmp_path):
+    """Bad input is not fatal: a damaged image masks its sample out, a damaged record becomes padding;
+    both are counted in the batch's `corrupt`, and the other rows are untouched."""
+    from oq2vl_jax.data.records import decode_row, encode_row
+
+    d, _ = data
+
+    def zero_image_header(rec):
+        row = {k: v.copy() for k, v in decode_row(rec).items()}
+        o = row["image_offsets"]
+        row["image_bytes"][o[0]:o[0] + 4] = 0
+        return encode_row(row)
+
+    def first_batch(src):
+        it = make_train_iterator(_cfg(d, sources=((src, 1.0),), shuffle=False, batch_size=2),
+                                 process_index=0, process_count=1)
+        return next(it)
+
+    good = first_batch(os.path.join(d, "cap"))
+    recs = _rewrite_first_record(os.path.join(d, "cap"), str(tmp_path / "img"), zero_image_header)
+    b = first_batch(str(tmp_path / "img"))
+    assert b["corrupt"].tolist() == [1, 0]
+    row = decode_row(recs[0])
+    seg = row["image_segment_ids"][0]
+    want = good["loss_mask"][0] * (good["segment_ids"][0] != seg)
+    np.testing.assert_array_equal(b["loss_mask"][0], want)  # only the sample of the bad image is dropped
+    assert (b["images"][0, 0] == 0).all()
+    np.testing.assert_array_equal(b["images"][0, 1:], good["images"][0, 1:])
+    np.testing.assert_array_equal(b["images"][1], good["images"][1])
+
+    _rewrite_first_record(os.path.join(d, "cap"), str(tmp_path / "rec"), lambda rec: b"junk" + rec[4:])
+    b = first_batch(str(tmp_path / "rec"))
+    assert b["corrupt"].tolist() == [1, 0] and b["loss_mask"][0].sum() == 0 and not b["image_mask"][0].any()
+    np.testing.assert_array_equal(b["input_ids"][1], good["input_ids"][1])
+
+
+def test_restore_refuses_a_differently_built_loader(data, tmp_path):
+    """The saved position means nothing to a loader that reads other rows: refused, not followed."""
+    import shutil
+
+    d, _ = data
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("00000", "00001"):
+        shutil.copy(os.path.join(d, "cap", name + ".array_record"), src)
+    glob_ = str(src / "*.array_record")
+    two = ((os.path.join(d, "cap"), 0.5), (os.path.join(d, "text"), 0.5))
+    base = _cfg(d, sources=((glob_, 1.0),))
+    it = make_train_iterator(base, process_index=0, process_count=1)
+    next(it)
+    state = it.get_state()
+    for other in (_cfg(d, sources=((glob_, 1.0),), batch_size=3), _cfg(d, sources=((glob_, 1.0),), seed=4),
+                  _cfg(d, sources=two), _cfg(d, sources=((glob_, 1.0),), num_workers=1)):
+        it2 = make_train_iterator(other, process_index=0, process_count=1)
+        with pytest.raises(ValueError, match="reads the data differently"):
+            it2.set_state(state)
+        getattr(it2, "close", lambda: None)()
+    with pytest.raises(ValueError, match="process_index"):
+        make_train_iterator(base, process_index=1, process_count=2).set_state(state)
+    shutil.copy(os.path.join(d, "cap", "00002.array_record"), src)  # same path, more rows now
+    with pytest.raises(ValueError, match="sources differ"):
+        make_train_iterator(base, process_index=0, process_count=1).set_state(state)
+
+
+def test_source_without_rows_is_refused(data, tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    d, _ = data
+    ArrayRecordWriter(str(tmp_path / "x.array_record"), "group_size:1").close()
+    with pytest.raises(ValueError, match="has no rows"):
+        next(make_train_iterator(_cfg(d, sources=((str(tmp_path / "*.array_record"), 1.0),)), process_index=0,
+                                 process_count=1))

@@ -230,3 +230,115 @@ def test_truncate_cuts_long_samples_and_whole_images(demo, tmp_path):
     assert kept["samples_packed"] == 1 and kept["truncated"] == 1 and kept["images"] == 1
     (row,) = _rows(str(tmp_path / "cut" / "sft.array_record"))
     assert len(row["input_ids"]) == 128 and (row["segment_ids"] == 1).all() and row["loss_mask"].sum() > 50
+
+
+def test_odd_json_and_image_fields_are_skipped_not_crashes(demo, tmp_path):
+    # Valid JSON the tokenizer cannot take (lone surrogate escapes), JSON that json.loads rejects with
+    # other errors than JSONDecodeError (deep nesting, over-long ints) and SFT image fields of the wrong
+    # type: each is one skipped sample, never a crash of the run.
+    deep, bigint, sur = "[" * 100_000, '{"text": "x", "n": ' + "1" * 5000 + "}", '{"text": "half \\ud83d"}'
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("\n".join(['{"text": "a red square"}', deep, bigint, sur]) + "\n")
+    st = pack.run(_cfg(demo, tmp_path / "t", mode="text"), [str(docs)], log=lambda m: None)
+    assert st["samples_packed"] == 1 and st["skipped"] == {"bad_json": 2, "bad_utf8": 1}
+
+    shard = tmp_path / "c.tar"
+    _tar(shard, [("ok.png", _png()), ("ok.txt", b"a red square"),
+                 ("sur.png", _png()), ("sur.json", b'{"caption": "a red \\ud83d square"}'),
+                 ("big.png", _png()), ("big.json", b'{"caption": "x", "uid": ' + b"9" * 5000 + b"}")])
+    st = pack.run(_cfg(demo, tmp_path / "c"), [str(shard)], log=lambda m: None)
+    assert st["samples_packed"] == 1 and st["skipped"] == {"bad_json": 1, "bad_utf8": 1}
+
+    (tmp_path / "a.png").write_bytes(_png())
+    conv = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "Red."}]
+    sft = [{"image": "a.png", "conversations": conv("<image>\nWhat?")},
+           {"image": 5, "conversations": conv("<image>\nWhat?")},
+           {"image": ["a.png", None], "conversations": conv("<image><image>\nWhat?")},
+           {"image": "a\x00.png", "conversations": conv("<image>\nWhat?")},
+           {"conversations": conv("What? \ud83d")}]
+    (tmp_path / "s.json").write_text(json.dumps(sft))
+    st = pack.run(_cfg(demo, tmp_path / "s", mode="sft"), [str(tmp_path / "s.json")], log=lambda m: None)
+    assert st["samples_packed"] == 1 and st["skipped"] == {"bad_image_field": 3, "bad_utf8": 1}
+
+
+def test_repeated_tar_key_is_another_sample(demo, tmp_path):
+    shard = tmp_path / "x.tar"
+    _tar(shard, [("k.png", _png()), ("k.txt", b"a red square"),
+                 ("k.png", _png((0, 0, 255))), ("k.txt", b"a blue square")])
+    st = pack.run(_cfg(demo, tmp_path / "o"), [str(shard)], log=lambda m: None)
+    assert st["samples_in"] == st["samples_packed"] == st["images"] == 2
+
+
+def test_rerun_never_trusts_damaged_or_stale_markers(demo, tmp_path, monkeypatch):
+    from oq2vl_jax.data.loader import resolve_source
+
+    shards, out = _shards(demo)[:2], tmp_path / "o"
+    pack.run(_cfg(demo, out), shards, log=lambda m: None)
+    rows_file, marker = out / "00000.array_record", out / "00000.stats.json"
+    good = rows_file.read_bytes()
+    # A truncated row file and an empty marker are redone, not reused (or crashed on).
+    rows_file.write_bytes(good[: len(good) // 2])
+    logs = []
+    pack.run(_cfg(demo, out), shards, log=logs.append)
+    assert "00000: packed" in logs[0] and rows_file.read_bytes() == good
+    marker.write_text("")
+    logs.clear()
+    pack.run(_cfg(demo, out), shards, log=logs.append)
+    assert "00000: packed" in logs[0] and rows_file.read_bytes() == good
+
+    # A run with other settings dies after writing a unit's rows, before its marker: the old marker
+    # must not vouch for the new rows, and the half-done directory must not be readable as the old run.
+    class Killed(BaseException):
+        pass
+
+    real = os.replace
+
+    def replace(a, b):
+        if str(b).endswith("00000.stats.json"):
+            raise Killed
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        pack.run(_cfg(demo, out, image_format="png"), shards, log=lambda m: None)
+    monkeypatch.setattr(os, "replace", real)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        resolve_source(str(out))
+    logs.clear()
+    pack.run(_cfg(demo, out), shards, log=logs.append)
+    assert "00000: packed" in logs[0] and rows_file.read_bytes() == good
+    assert len(resolve_source(str(out))) == 2
+
+
+def test_dangling_shard_symlink_is_a_bad_shard(demo, tmp_path):
+    os.symlink(str(tmp_path / "gone.tar"), str(tmp_path / "00009.tar"))
+    st = pack.run(_cfg(demo, tmp_path / "o"), [_shards(demo)[0], str(tmp_path / "00009.tar")], log=lambda m: None)
+    assert list(st["bad_shards"]) == [str(tmp_path / "00009.tar")] and st["samples_packed"] == 32
+
+
+def test_uppercase_jsonl_is_json_lines(demo, tmp_path):
+    (tmp_path / "d.JSONL").write_text('{"text": "a red square"}\n')
+    pack.run(_cfg(demo, tmp_path / "o", mode="text"), [str(tmp_path / "d.JSONL")], log=lambda m: None)
+    (row,) = _rows(str(tmp_path / "o" / "d.array_record"))
+    tok = load_tokenizer(os.path.join(demo, "tokenizer"))
+    assert tok.decode(row["input_ids"][row["segment_ids"] == 1]) == "<s>a red square<|im_end|>"
+
+
+def test_crlf_text_lines_lose_their_carriage_return(demo, tmp_path):
+    (tmp_path / "d.txt").write_bytes(b"a red square\r\n\r\na blue circle\r\n")
+    pack.run(_cfg(demo, tmp_path / "o", mode="text"), [str(tmp_path / "d.txt")], log=lambda m: None)
+    (row,) = _rows(str(tmp_path / "o" / "d.array_record"))
+    tok = load_tokenizer(os.path.join(demo, "tokenizer"))
+    docs = sorted(tok.decode(row["input_ids"][row["segment_ids"] == s]) for s in (1, 2))
+    assert docs == ["<s>a blue circle<|im_end|>", "<s>a red square<|im_end|>"]
+
+
+@pytest.mark.parametrize("flag, value, name", [("--max-samples-per-row", "0", "max_samples"),
+                                               ("--seq-len", "0", "seq_len"), ("--jpeg-quality", "0", "jpeg_quality"),
+                                               ("--window", "0", "window")])
+def test_bad_settings_are_named_before_reading(demo, tmp_path, capsys, flag, value, name):
+    with pytest.raises(SystemExit) as e:
+        pack.main(["--input", os.path.join(demo, "shards", "00000.tar"), "--tokenizer", "x",
+                   "--out", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2 and name in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

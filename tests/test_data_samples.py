@@ -123,3 +123,11 @@ def test_sample_errors(tok):
 def test_record_rejects_missing_fields():
     with pytest.raises(KeyError, match="image_bytes"):
         encode_row({"input_ids": np.zeros(3)})
+
+
+def test_original_template_empty_answer_is_a_space(tok):
+    # Qwen2PromptBuilder.wrap_gpt: f"{msg if msg != '' else ' '}{eos}\n"
+    b = SampleBuilder(tok, image_tokens=K, sft_template="original")
+    t = b.conversation([{"from": "human", "value": "x"}, {"from": "gpt", "value": ""},
+                        {"from": "human", "value": "y"}, {"from": "gpt", "value": "Blue."}])
+    assert _decode(tok, t.input_ids[t.loss_mask == 1]) == " <|im_end|>\nBlue.<|im_end|>\n"

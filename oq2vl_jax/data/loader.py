@@ -15,7 +15,10 @@ Batches (B = batch_size per process, L = seq_len, M = max_images):
   images float32[B, M, H, W, 3] in [-1, 1] (or uint8 [0, 255] with image_dtype="uint8": 4x less to
   copy out of workers and onto the device; the model normalises uint8 images itself),
   image_mask bool[B, M], image_segment_ids int32[B, M] (0 = empty slot)
+  corrupt int32[B]: damaged records/images met in the row (0 normally; see RowDecoder)
 Images fill the slots in placeholder order, so slot j feeds the j-th run of image-pad tokens of the row.
+The train iterator's state names the data it indexes (batch, processes, seed, sources and their files
+and rows); restoring it into a loader built differently is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ from oq2vl_jax.data.images import normalize
 from oq2vl_jax.data.records import decode_row
 
 MODES = ("packed", "unpacked_sft")
+
+
+class DataStateMismatch(ValueError):
+    """A saved train-iterator state restored into a loader that reads the data differently."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,9 @@ def pack_stats(path: str) -> dict | None:
     if os.path.exists(p):
         with open(p) as f:
             return json.load(f)
+    if glob.glob(os.path.join(glob.escape(d), "*.stats.json")):
+        raise FileNotFoundError(f"data source {path!r}: packer unit markers but no stats.json, so a pack "
+                                f"run into {d!r} did not finish; re-run it")
     return None
 
 
@@ -120,7 +130,11 @@ def check_sources(cfg: LoaderConfig) -> None:
 
 
 class RowDecoder:
-    """Grain map: row record bytes → fixed-shape numpy dict (runs in worker processes)."""
+    """Grain map: row record bytes → fixed-shape numpy dict (runs in worker processes).
+
+    Damaged data is not fatal: a record that does not decode becomes an all-padding row, and an image
+    that does not decode leaves its slot empty with its sample's loss masked out; either is counted in
+    the row's ``corrupt``. Rows that disagree with the loader settings still raise (a config error)."""
 
     def __init__(self, seq_len: int, max_images: int, image_size: int, one_sample: bool,
                  image_dtype: str = "float32"):
@@ -131,7 +145,10 @@ class RowDecoder:
     def __call__(self, data: bytes) -> dict:
         from PIL import Image
 
-        row = decode_row(data)
+        try:
+            row = decode_row(data)
+        except Exception:  # noqa: BLE001 (a damaged record: bad magic, header, sizes)
+            return self.empty(corrupt=1)
         if len(row["input_ids"]) != self.seq_len:
             raise ValueError(f"row has length {len(row['input_ids'])}, loader seq_len={self.seq_len}")
         n_img = len(row["image_segment_ids"])
@@ -144,9 +161,16 @@ class RowDecoder:
         images = np.zeros((self.max_images, s, s, 3), np.uint8 if self.uint8 else np.float32)
         offsets = row["image_offsets"]
         blob = row["image_bytes"].tobytes()
+        loss_mask = row["loss_mask"].astype(np.int32)
+        corrupt = 0
         for i in range(n_img):
-            with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
-                px = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
+                    px = np.asarray(im.convert("RGB"))
+            except Exception:  # noqa: BLE001 (PIL raises many types); the sample is not trained on
+                corrupt += 1
+                loss_mask[row["segment_ids"] == row["image_segment_ids"][i]] = 0
+                continue
             if px.shape != (s, s, 3):
                 raise ValueError(f"stored image {i} is {px.shape[:2]}, loader image_size={s}")
             images[i] = px if self.uint8 else normalize(px)
@@ -154,17 +178,18 @@ class RowDecoder:
         image_seg[:n_img] = row["image_segment_ids"]
         return {
             "input_ids": row["input_ids"], "segment_ids": row["segment_ids"], "positions": row["positions"],
-            "loss_mask": row["loss_mask"].astype(np.int32), "images": images,
+            "loss_mask": loss_mask, "images": images,
             "image_mask": np.arange(self.max_images) < n_img, "image_segment_ids": image_seg,
+            "corrupt": np.int32(corrupt),
         }
 
-    def empty(self, pad_id: int = 0) -> dict:
+    def empty(self, pad_id: int = 0, corrupt: int = 0) -> dict:
         """An all-padding row (loss_mask 0) used to fill the last eval batches to a fixed shape."""
         s, m = self.image_size, self.max_images
         z = np.zeros(self.seq_len, np.int32)
         return {"input_ids": z + pad_id, "segment_ids": z, "positions": z, "loss_mask": z,
                 "images": np.zeros((m, s, s, 3), np.uint8 if self.uint8 else np.float32), "image_mask": np.zeros(m, bool),
-                "image_segment_ids": np.zeros(m, np.int32)}
+                "image_segment_ids": np.zeros(m, np.int32), "corrupt": np.int32(corrupt)}
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -234,6 +259,8 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
             continue
         _check_source(cfg, path)
         ds = _source(path)
+        if len(ds) == 0:  # repeat() of nothing would end the "infinite" stream at once (bare StopIteration)
+            raise ValueError(f"data source {path!r} has no rows")
         if cfg.shuffle:
             # A distinct stream per source; k is spaced widely because Grain reshuffles epoch e with
             # seed + e, and seed + k would make source k's epoch e+1 source k+1's epoch e.
@@ -248,10 +275,60 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
     return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype))
 
 
+def data_layout(cfg: LoaderConfig, process_index: int, process_count: int) -> dict:
+    """What a train iterator position means: the same index in a loader that differs in any of these
+    reads other rows."""
+    from grain.sources import ArrayRecordDataSource
+
+    sources = []
+    for path, weight in cfg.sources:
+        if float(weight) == 0:  # not read
+            sources.append({"path": path, "weight": 0.0})
+            continue
+        files = resolve_source(path)
+        sources.append({"path": path, "weight": float(weight), "files": [os.path.basename(f) for f in files],
+                        "rows": len(ArrayRecordDataSource(files))})
+    return {"batch_size": cfg.batch_size, "process_index": process_index, "process_count": process_count,
+            "seed": cfg.seed, "shuffle": cfg.shuffle, "num_workers": cfg.num_workers, "sources": sources}
+
+
+def _checked_iterator_class():
+    import grain
+
+    class CheckedIterator(grain.DatasetIterator):
+        """The Grain iterator, with a state that carries the data layout and is refused elsewhere."""
+
+        def __init__(self, it, layout: dict):
+            super().__init__(it)
+            self._it, self.layout = it, layout
+
+        def __next__(self):
+            return next(self._it)
+
+        def get_state(self) -> dict:
+            return {"layout": self.layout, "iterator": self._it.get_state()}
+
+        def set_state(self, state: dict) -> None:
+            if "layout" not in state:  # saved before the layout was recorded
+                self._it.set_state(state)
+                return
+            saved = json.loads(json.dumps(state["layout"]))
+            if saved != json.loads(json.dumps(self.layout)):
+                diff = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))
+                raise DataStateMismatch(
+                    f"data iterator state was saved by a loader that reads the data differently "
+                    f"({', '.join(diff)} differ): saved {saved}, this loader {self.layout}; "
+                    f"restoring it would yield other batches than the saved run's")
+            self._it.set_state(state["iterator"])
+
+    return CheckedIterator
+
+
 def make_train_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None):
     """Infinite iterator of fixed-shape batches; a ``grain.DatasetIterator`` (get_state / set_state)."""
-    ds = make_train_dataset(cfg, process_index=process_index, process_count=process_count)
-    return _finish(cfg, ds, drop_remainder=True)
+    pi, pc = _process(process_index, process_count)
+    ds = make_train_dataset(cfg, process_index=pi, process_count=pc)
+    return _checked_iterator_class()(_finish(cfg, ds, drop_remainder=True), data_layout(cfg, pi, pc))
 
 
 def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None, pad_id: int = 0):

@@ -64,6 +64,19 @@ class PackConfig:
     # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
     truncate: bool = False
 
+    def __post_init__(self):  # named at once, not after the first shard has been read
+        for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
+                              ("sft_template", ("chatml", "original"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
+                          ("max_samples", 1)):
+            v = getattr(self, name)
+            if v is not None and v < low:
+                raise ValueError(f"{name} must be >= {low}, got {v}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
     def resolved_max_images(self) -> int:
         if self.mode == "text":
             return 0
@@ -112,7 +125,11 @@ def make_units(inputs: list[str], window: int) -> list[Unit]:
 def _input_signature(paths) -> list:
     sig = []
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError:  # e.g. a dangling symlink: the reader reports it as a bad shard
+            sig.append([os.path.abspath(p), None, None])
+            continue
         sig.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     return sig
 
@@ -190,7 +207,11 @@ def _iter_samples(cfg: PackConfig, path: str):
             key = str(entry.get("id", key))
             turns = entry.get("conversations")
             image_paths = entry.get("image") or []
-            image_paths = [image_paths] if isinstance(image_paths, str) else list(image_paths)
+            image_paths = [image_paths] if isinstance(image_paths, str) else image_paths
+            if not isinstance(image_paths, list) or not all(isinstance(p, str) and p and "\0" not in p
+                                                            for p in image_paths):
+                raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
+                                                     f"{json.dumps(entry.get('image'))[:80]}")
             if count_image_tags(turns) != len(image_paths):
                 raise SampleError("image_tag_mismatch",
                                   f"{count_image_tags(turns)} <image> tags vs {len(image_paths)} images")
@@ -216,12 +237,20 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     fingerprint = cfg.fingerprint()
     inputs_sig = _input_signature(unit.inputs)
     if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            done = json.load(f)
-        if (done.get("complete") and done.get("config") == fingerprint and done.get("inputs") == inputs_sig
-                and (done["rows"] == 0 or os.path.exists(rows_path))):
+        try:
+            with open(stats_path) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            done = {}  # unreadable marker (e.g. empty after a power loss): not done
+        rows_size = os.path.getsize(rows_path) if os.path.exists(rows_path) else 0
+        if (isinstance(done, dict) and done.get("complete") and done.get("config") == fingerprint
+                and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size
+                and (done.get("rows") == 0 or os.path.exists(rows_path))):
             done["reused"] = True
             return done
+        # Not reusable: drop the marker before touching the rows, so a run killed between writing new
+        # rows and their marker cannot leave an old marker vouching for the new rows.
+        os.remove(stats_path)
 
     skipped = collections.Counter()
     skipped_keys, shard_errors, kept = [], {}, []
@@ -275,6 +304,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         "truncated": sum(t.truncated for _, t, _ in kept),
         "max_images_in_row": max_img_row, "max_samples_in_row": max_seg_row,
         "shard_errors": shard_errors, "skipped_keys": skipped_keys,
+        "rows_bytes": os.path.getsize(rows_path) if bins else 0,
     }
     with open(stats_path + ".tmp", "w") as f:
         json.dump(stats, f, indent=1)
@@ -327,11 +357,13 @@ def _remove_stale(out: str, names: set[str], log) -> None:
 
 def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, log=print) -> dict:
     """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.packing not in ("ffd", "none"):
-        raise ValueError(f"packing must be 'ffd' or 'none', got {cfg.packing!r}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     os.makedirs(cfg.out, exist_ok=True)
+    # The run summary goes first: until this run writes a new one, OUT holds a mix of old and new units
+    # and the loader must not read it as the old run's output (it refuses unit markers without it).
+    if os.path.exists(os.path.join(cfg.out, "stats.json")):
+        os.remove(os.path.join(cfg.out, "stats.json"))
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
@@ -394,11 +426,16 @@ def main(argv=None) -> int:
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
     a = p.parse_args(argv)
-    cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
-                     image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
-                     jpeg_quality=a.jpeg_quality, max_images=a.max_images,
-                     max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                     image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
+    if a.window < 1:
+        p.error(f"--window must be >= 1, got {a.window}")
+    try:
+        cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
+                         image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
+                         jpeg_quality=a.jpeg_quality, max_images=a.max_images,
+                         max_samples=a.max_samples_per_row, sft_template=a.sft_template,
+                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
+    except ValueError as e:
+        p.error(str(e))
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
         log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

@@ -64,7 +64,8 @@ def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]
 
     On a read error (truncated or not a tar) returns the members read so far and the error text.
     """
-    groups: dict[str, dict[str, bytes]] = {}
+    groups: list[tuple[str, dict[str, bytes]]] = []
+    latest: dict[str, int] = {}  # key -> index of its latest group
     error = None
     try:
         with tarfile.open(path, mode="r|*") as tf:
@@ -78,10 +79,15 @@ def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]
                 if not ext or base.startswith(".") or (base.startswith("__") and base.split(".")[0].endswith("__")):
                     continue
                 f = tf.extractfile(member)
-                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+                data = f.read() if f is not None else b""
+                i = latest.get(key)
+                if i is None or ext in groups[i][1]:  # a repeated key.ext starts another sample, as in
+                    latest[key] = i = len(groups)      # WebDataset; it must not overwrite this one
+                    groups.append((key, {}))
+                groups[i][1][ext] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         error = f"{type(e).__name__}: {e}"
-    return list(groups.items()), error
+    return groups, error
 
 
 def caption_from_files(files: dict[str, bytes]) -> tuple[bytes, str]:
@@ -114,8 +120,8 @@ def _utf8(raw: bytes) -> str:
 def _json_or_error(raw: bytes):
     try:
         return json.loads(_utf8(raw))
-    except json.JSONDecodeError as e:
-        raise SampleError("bad_json", str(e)) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long ints, deep nesting
+        raise SampleError("bad_json", f"{type(e).__name__}: {e}") from None
 
 
 def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
@@ -126,7 +132,7 @@ def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
             data = f.read()
     except OSError as e:
         return [], f"{type(e).__name__}: {e}"
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(".jsonl"):
         out = []
         for i, line in enumerate(l for l in data.split(b"\n") if l.strip()):
             try:
@@ -145,7 +151,7 @@ def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
 
 def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, object]], str | None]:
     """Text mode: .jsonl (one {text_key: str} per line) or .txt (one document per non-empty line)."""
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(".jsonl"):
         records, err = read_json_records(path)
         out = []
         for key, r in records:
@@ -158,7 +164,7 @@ def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, o
         return out, err
     try:
         with open(path, "rb") as f:
-            lines = [l for l in f.read().split(b"\n") if l.strip()]
+            lines = [l.removesuffix(b"\r") for l in f.read().split(b"\n") if l.strip()]  # LF or CRLF
     except OSError as e:
         return [], f"{type(e).__name__}: {e}"
     name = os.path.basename(path)

@@ -63,6 +63,10 @@ class SampleBuilder:
     def _encode_text(self, text: str) -> list[int]:
         if not text:
             return []
+        try:  # json "\ud83d" escapes give lone surrogates, which the tokenizer cannot take
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError("bad_utf8", str(e)) from None
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         # A literal "<|image_pad|>" in data would be parsed as the special token and break the
         # image-slot ↔ image correspondence, so such samples are refused.
@@ -135,8 +139,8 @@ class SampleBuilder:
                 if i % 2 == 0:
                     head = f"<s><|im_start|>system\n{system}<|im_end|>\n" if i == 0 else ""
                     texts.append((f"{head}<|im_start|>user\n{m}<|im_end|>assistant\n", 0))
-                else:
-                    texts.append((f"{m}<|im_end|>\n", 1))
+                else:  # the original's wrap_gpt writes an empty answer as " "
+                    texts.append((f"{m or ' '}<|im_end|>\n", 1))
         pieces, n_img = [], 0
         for text, m in texts:
             ids, k = self._encode_with_images(text)
