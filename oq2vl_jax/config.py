@@ -106,6 +106,8 @@ class TrainConfig:
     async_checkpointing: bool = True
     init_from: str | None = None  # a converted checkpoint directory (tools/convert/hf_to_jax.py)
     peak_tflops: float = 989.0  # per-device bf16 dense peak for MFU (H100 SXM)
+    # (first, last): trace these steps with jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         at_least_1 = ("steps", "micro_batches", "loss_group_rows", "log_every", "checkpoint_every", "eval_batches")
@@ -113,6 +115,8 @@ class TrainConfig:
         low += [f"{n} >= 0" for n in ("epochs", "eval_every", "keep_last", "keep_every") if not getattr(self, n) >= 0]
         if not self.peak_tflops > 0:
             low.append("peak_tflops > 0")
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            low.append("1 <= profile_steps[0] <= profile_steps[1]")
         if low:
             raise ValueError(f"need {', '.join(low)}")
 

@@ -300,7 +300,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     n_dev = jax.device_count()
     shardings = None
     last, window_tokens, window_flops, window_start = {}, 0.0, 0.0, time.perf_counter()
+    window_wait = 0.0  # host seconds blocked on the loader: near 0 unless the data cannot keep up
     corrupt_total = 0
+    profile = cfg.train.profile_steps
+    tracing = False
 
     def check(step_done: int, metrics: dict) -> dict:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -315,7 +318,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     pending: list[tuple[int, dict, int]] = []
 
     def settle() -> None:
-        nonlocal last, window_tokens, window_flops, window_start
+        nonlocal last, window_tokens, window_flops, window_start, window_wait
         for s, metrics, n_images in pending:
             host = check(s, metrics)
             logger.advance()
@@ -326,14 +329,20 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_s"] = window_tokens / elapsed
                 host["mfu"] = window_flops / elapsed / (n_dev * cfg.train.peak_tflops * 1e12)
+                host["data_wait"] = window_wait / elapsed  # fraction of wall time spent waiting for batches
                 logger.log(s, host)
                 last = host
-                window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+                window_tokens, window_flops, window_start, window_wait = 0.0, 0.0, time.perf_counter(), 0.0
         pending.clear()
 
     try:
         while step < total_steps:
+            if profile and step + 1 == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
+            t_wait = time.perf_counter()
             parts = [next(data_iter) for _ in range(micro)]  # host work overlaps the step in flight
+            window_wait += time.perf_counter() - t_wait
             local = parts[0] if micro == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             corrupt = int(np.sum(local.get("corrupt", 0)))
             if corrupt:  # damaged records/images: padding / masked out by the loader, counted here
@@ -358,8 +367,12 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             halt = by_signal or (stop_at is not None and step - start_step >= stop_at)
             evaluate = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
             save = step % cfg.train.checkpoint_every == 0 or step == total_steps or halt
-            if save or evaluate or halt or step % cfg.train.log_every == 0:
+            if save or evaluate or halt or step % cfg.train.log_every == 0 or (tracing and step == profile[1]):
                 settle()  # this step
+            if tracing and step == profile[1]:  # settled: its device work is inside the trace
+                jax.profiler.stop_trace()
+                tracing = False
+                log.info("profile of steps %d-%d written to %s", *profile, os.path.join(workdir, "profile"))
             if save:  # before eval: an eval that fails must not cost the checkpoint
                 trainer.save(state, step, data_iter)
             if evaluate:
@@ -368,6 +381,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 log.warning("stopping at step %d (%s), checkpoint saved", step, "SIGTERM" if by_signal else "--stop-at")
                 break
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         trainer.mngr.wait_until_finished()
         trainer.mngr.close()
         logger.close()

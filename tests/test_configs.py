@@ -37,7 +37,8 @@ def test_bad_keys_and_values_are_named():
     for override, match in (("train.checkpoint_every=0", "checkpoint_every >= 1"), ("train.log_every=0", "log_every"),
                             ("train.keep_last=-1", "keep_last >= 0"), ("mesh.fsdp=0", "fsdp=0"),
                             ("optim.lr=.nan", "lr >= 0"), ("optim.warmup_ratio=1.5", "warmup_ratio"),
-                            ("optim.b2=1", "b2 < 1"), ("optim.lr_multipliers=[[a, -1]]", "lr_multipliers >= 0")):
+                            ("optim.b2=1", "b2 < 1"), ("optim.lr_multipliers=[[a, -1]]", "lr_multipliers >= 0"),
+                            ("train.profile_steps=[3, 2]", "profile_steps")):
         with pytest.raises(ConfigError, match=match):
             load_config(path, [override])
 
