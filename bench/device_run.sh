@@ -14,7 +14,7 @@
 #   data      bench/pack_bench.py and bench/loader_bench.py with all cores
 #
 # Packages the GPU image lacks (grain, array-record, webdataset, ...) are installed from wheels in
-# WHEELS (default .whl/) when the directory exists; see the README's "GPU machine" section.
+# WHEELS (default .whl/) when the directory exists; see the README's "Performance" section.
 set -uo pipefail
 OUT="${OUT:-device_out}"
 mkdir -p "$OUT"
