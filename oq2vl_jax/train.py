@@ -160,9 +160,12 @@ class Trainer:
         rows_per_micro = d.global_batch_size // cfg.train.micro_batches
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if rows_per_micro % shards:
+            fits = [m for m in range(cfg.train.micro_batches, 0, -1)
+                    if d.global_batch_size % (m * n_proc) == 0 and (d.global_batch_size // m) % shards == 0]
+            hint = f"; e.g. train.micro_batches={fits[0]}" if fits else ""
             raise ConfigError(f"data.global_batch_size={d.global_batch_size} / train.micro_batches="
                               f"{cfg.train.micro_batches} = {rows_per_micro} rows per micro-batch do not split "
-                              f"over mesh data x fsdp = {shards} devices")
+                              f"over mesh data x fsdp = {shards} devices{hint}")
         if cfg.train.loss_reduction == "micro_batch_mean" and rows_per_micro % cfg.train.loss_group_rows:
             raise ConfigError(f"train.loss_group_rows={cfg.train.loss_group_rows} does not divide the "
                               f"{rows_per_micro} rows per micro-batch")

@@ -214,6 +214,9 @@ def test_config_errors_are_named(demo, tmp_path, capsys):
     ok = [f"tokenizer={demo}/tokenizer", f"data.sources=[{{path: {demo}/packed}}]", "train.eval_every=0"]
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.global_batch_size=12"]) == 2
     assert "global_batch_size=12" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "train.micro_batches=4"]) == 2
+    assert "4 rows per micro-batch do not split over mesh data x fsdp = 8 devices; e.g. train.micro_batches=2" \
+        in capsys.readouterr().err
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", "tokenizer=/nonexistent"]) == 2
     assert "/nonexistent" in capsys.readouterr().err
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", f"tokenizer={demo}/tokenizer",
