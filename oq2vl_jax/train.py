@@ -121,6 +121,19 @@ def resolve_steps(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=max(steps, 1)))
 
 
+def check_schedule(cfg: Config) -> None:
+    """A continued schedule (optim.schedule_offset) must lie inside the curve it continues: past the
+    curve's end the learning rate is lr * final_lr_ratio (0 by default) for every remaining step."""
+    o, steps = cfg.optim, cfg.train.steps
+    if o.schedule_offset and not o.schedule_steps:
+        raise ConfigError(f"optim.schedule_offset={o.schedule_offset} needs optim.schedule_steps, the length "
+                          "of the warmup+cosine curve it continues")
+    if o.schedule_steps and o.schedule_offset + steps > o.schedule_steps:
+        raise ConfigError(f"optim.schedule_offset={o.schedule_offset} + train.steps={steps} runs past "
+                          f"optim.schedule_steps={o.schedule_steps}: the steps after it would train at "
+                          f"lr x final_lr_ratio = {o.lr * o.final_lr_ratio:g}")
+
+
 def agreed(flag: bool) -> bool:
     """True on every process if it is true on any (a stop must be taken by all hosts at one step)."""
     if jax.process_count() == 1:
@@ -272,6 +285,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     if cfg.train.eval_every and not cfg.data.eval_source:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs data.eval_source (or eval_every: 0)")
     cfg = resolve_steps(cfg)
+    check_schedule(cfg)
     os.makedirs(workdir, exist_ok=True)
     main_process = jax.process_index() == 0
     check_tokenizer(cfg)
@@ -282,9 +296,12 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     # The loader yields one micro-batch at a time (bounded host memory: a whole step of 256 rows x 27
     # images would be gigabytes); a step stacks `micro_batches` of them.
     micro = cfg.train.micro_batches
-    data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
-    if cfg.train.eval_every:  # read only at the first eval: a bad one must fail now, not hours in
-        check_sources(loader_config(cfg, 1, [(cfg.data.eval_source, 1.0)], shuffle=False))
+    try:
+        data_iter = make_train_iterator(loader_config(cfg, trainer.rows_per_process // micro, sources, shuffle=True))
+        if cfg.train.eval_every:  # read only at the first eval: a bad one must fail now, not hours in
+            check_sources(loader_config(cfg, 1, [(cfg.data.eval_source, 1.0)], shuffle=False))
+    except ValueError as e:  # packed data that disagree with the config (image tokens, seq_len, mode, ...)
+        raise ConfigError(str(e)) from None
     state, step = trainer.initial_state(data_iter)
     # Only now: a resume refused above must not replace the config its checkpoints were made with.
     if main_process:
@@ -354,7 +371,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                             "(%d so far)", step + 1, corrupt, corrupt_total)
             if shardings is None:
                 example = {k: np.asarray(local[k]) for k in MODEL_KEYS}
-                example = {k: v.reshape((micro, -1) + v.shape[1:]) for k, v in example.items()}
+                example = {k: v.reshape((micro, v.shape[0] // micro) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
             if (cfg.model.attention == "cudnn" and jax.process_count() == 1
                     and int(local["segment_ids"].max()) > cfg.model.max_segments):  # sources without stats

@@ -342,3 +342,17 @@ def test_bad_settings_are_named_before_reading(demo, tmp_path, capsys, flag, val
                    "--out", str(tmp_path / "o"), flag, value])
     assert e.value.code == 2 and name in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_text_mode_reads_a_json_list_and_refuses_other_files(demo, tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "a red square"}, {"text": "a blue circle"}], indent=1))
+    st = pack.run(_cfg(demo, tmp_path / "o", mode="text"), [str(tmp_path / "d.json")], log=lambda m: None)
+    assert st["samples_packed"] == 2 and st["skipped"] == {} and not st["bad_shards"]
+    (row,) = _rows(str(tmp_path / "o" / "d.array_record"))
+    tok = load_tokenizer(os.path.join(demo, "tokenizer"))
+    docs = sorted(tok.decode(row["input_ids"][row["segment_ids"] == s]) for s in (1, 2))
+    assert docs == ["<s>a blue circle<|im_end|>", "<s>a red square<|im_end|>"]
+    # A tar shard (or any other file) is not read line by line as text documents.
+    shard = _shards(demo)[0]
+    st = pack.run(_cfg(demo, tmp_path / "t", mode="text"), [shard], log=lambda m: None)
+    assert st["samples_in"] == 0 and "text mode reads" in st["bad_shards"][shard]

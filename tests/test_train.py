@@ -325,3 +325,41 @@ def test_a_partial_save_left_by_a_kill_is_removed(tmp_path):
     mngr.wait_until_finished()
     mngr.close()
     assert not partial.exists()
+
+
+def test_text_only_run_with_no_image_slots(demo, tmp_path):
+    """A text stage reads text rows with data.max_images: 0 (what `pack --mode text` records): the
+    batches carry no image slots, and training and eval run on them."""
+    from oq2vl_jax.train import run
+
+    text = str(tmp_path / "text")
+    pack.run(pack.PackConfig(tokenizer=str(demo / "tokenizer"), out=text, mode="text", seq_len=128),
+             [str(demo / "text" / "text.jsonl")], log=lambda *a: None)
+    cfg = tiny(demo, f"data.sources=[{{path: {text}}}]", f"data.eval_source={text}", "data.max_images=0",
+               "train.steps=1", "train.micro_batches=1", "train.eval_every=1", "train.eval_batches=1")
+    run(cfg, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        got = [json.loads(line) for line in f]
+    assert np.isfinite(got[0]["loss"]) and np.isfinite(got[1]["eval_loss"])
+
+
+def test_continued_schedule_must_lie_inside_its_curve(demo, tmp_path):
+    """Past the end of the curve the lr is lr x final_lr_ratio (0): a schedule_offset without
+    schedule_steps, or a run longer than what is left of the curve, would train at lr 0."""
+    from oq2vl_jax.train import run
+
+    with pytest.raises(ConfigError, match="optim.schedule_offset=40 needs optim.schedule_steps"):
+        run(tiny(demo, "train.steps=10", "optim.schedule_offset=40"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"schedule_offset=40 \+ train.steps=10 runs past optim.schedule_steps=45"):
+        run(tiny(demo, "train.steps=10", "optim.schedule_offset=40", "optim.schedule_steps=45"), str(tmp_path))
+    assert not os.path.exists(tmp_path / "config.yaml")
+
+
+def test_packed_data_that_disagree_with_the_config_are_a_config_error(demo, tmp_path, capsys):
+    from oq2vl_jax.train import main
+
+    ok = [f"tokenizer={demo}/tokenizer", f"data.sources=[{{path: {demo}/packed}}]", "train.eval_every=0"]
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "model.image_tokens=16"]) == 2
+    assert "repack with --image-tokens 16" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.mode=unpacked_sft"]) == 2
+    assert "mode='unpacked_sft' needs rows packed with --packing none" in capsys.readouterr().err

@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=MODES, default="caption",
-                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/txt documents")
+                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/json/txt documents")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--image-tokens", type=int, default=144, help="image slots per image (144 or 729)")
     p.add_argument("--image-size", type=int, default=384, help="stored images are size×size")
@@ -422,7 +422,7 @@ def main(argv=None) -> int:
                    help="none: one sample per row (unpacked SFT batches)")
     p.add_argument("--window", type=int, default=1, help="input shards packed together (default 1)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--text-key", default="text", help="text mode: jsonl field holding the document")
+    p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
     a = p.parse_args(argv)

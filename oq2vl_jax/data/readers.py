@@ -149,9 +149,16 @@ def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
     return [(f"{name}:{i}", e) for i, e in enumerate(entries)], None
 
 
+TEXT_EXTS = (".jsonl", ".json", ".txt")
+
+
 def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, object]], str | None]:
-    """Text mode: .jsonl (one {text_key: str} per line) or .txt (one document per non-empty line)."""
-    if path.lower().endswith(".jsonl"):
+    """Text mode: .jsonl (one {text_key: str} per line), .json (a list of them) or .txt (one document
+    per non-empty line). Any other file is a shard error: read as lines, a tar shard or a parquet file
+    would become garbage documents."""
+    if not path.lower().endswith(TEXT_EXTS):
+        return [], f"text mode reads {', '.join(TEXT_EXTS)} files, not {os.path.basename(path)!r}"
+    if path.lower().endswith((".jsonl", ".json")):
         records, err = read_json_records(path)
         out = []
         for key, r in records:
