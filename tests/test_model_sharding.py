@@ -123,7 +123,7 @@ def test_cudnn_packed_wrapper_against_an_emulated_kernel(monkeypatch):
         return jnp.where((seg > 0)[:, :, None, None], out, jnp.nan)  # padding: undefined
 
     monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn)
-    monkeypatch.setattr(attn_mod, "_cudnn_unavailable_reason", lambda dtype: None)
+    monkeypatch.setattr(attn_mod, "_cudnn_unavailable_reason", lambda dtype, packed: None)
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)

@@ -66,8 +66,12 @@ def packed_seqlens_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[j
     return seqlens, offsets
 
 
+def _gpu_capability() -> tuple[int, ...]:
+    return tuple(int(x) for x in str(getattr(jax.devices()[0], "compute_capability", "0.0")).split("."))
+
+
 @functools.cache
-def _cudnn_unavailable_reason(dtype_name: str) -> str | None:
+def _cudnn_unavailable_reason(dtype_name: str, packed: bool) -> str | None:
     if jax.default_backend() != "gpu":
         return f"backend is {jax.default_backend()!r}, not gpu"
     if dtype_name not in ("bfloat16", "float16"):
@@ -76,6 +80,8 @@ def _cudnn_unavailable_reason(dtype_name: str) -> str | None:
         from jax._src.cudnn import fused_attention_stablehlo  # noqa: F401
     except ImportError as e:  # private module: pinned JAX versions only
         return f"jax._src.cudnn.fused_attention_stablehlo is not importable ({e})"
+    if packed and _gpu_capability() < (9, 0):  # jax refuses the packed layout before Hopper
+        return f"cuDNN's packed layout (segment ids) needs compute capability 9.0+, this GPU has {_gpu_capability()}"
     return None
 
 
@@ -117,6 +123,35 @@ def _cudnn_attention(q, k, v, segment_ids, *, causal, cross_segment, max_segment
     return jnp.where(valid, out, 0).astype(q.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _xla_backward(fwd, ref, q, k, v, segment_ids):
+    """fwd's values with ref's gradient. jax (0.10, 0.11) refuses cuDNN attention gradients at odd
+    lengths (e.g. SigLIP's 729 patches): a check meant for attention biases counts the placeholder it
+    puts in for a missing bias as one. Those take the XLA reference's backward pass instead."""
+    return fwd(q, k, v, segment_ids)
+
+
+def _xla_backward_fwd(fwd, ref, q, k, v, segment_ids):
+    return fwd(q, k, v, segment_ids), (q, k, v, segment_ids)
+
+
+def _xla_backward_bwd(fwd, ref, res, g):
+    q, k, v, segment_ids = res
+    dq, dk, dv = jax.vjp(lambda q, k, v: ref(q, k, v, segment_ids), q, k, v)[1](g)
+    return dq, dk, dv, None
+
+
+_xla_backward.defvjp(_xla_backward_fwd, _xla_backward_bwd)
+
+
+def _reference(q, k, v, segment_ids, *, causal, cross_segment, scale):
+    if segment_ids is None:
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None] if causal else None
+    else:
+        mask = make_mask(segment_ids, causal=causal, cross_segment=cross_segment)
+    return xla_attention(q, k, v, mask, scale)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -130,18 +165,17 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention (scale 1/sqrt(head_dim)) with optional segment isolation."""
     scale = q.shape[-1] ** -0.5
+    ref = functools.partial(_reference, causal=causal, cross_segment=cross_segment, scale=scale)
     if impl == "cudnn":
-        reason = _cudnn_unavailable_reason(jnp.dtype(q.dtype).name)
+        packed = segment_ids is not None and causal and not cross_segment
+        reason = _cudnn_unavailable_reason(jnp.dtype(q.dtype).name, packed)
         if reason is None:
-            return _cudnn_attention(
-                q, k, v, segment_ids, causal=causal, cross_segment=cross_segment,
-                max_segments=max_segments, scale=scale,
-            )
+            fwd = functools.partial(_cudnn_attention, causal=causal, cross_segment=cross_segment,
+                                    max_segments=max_segments, scale=scale)
+            if q.shape[1] % 2 or k.shape[1] % 2:
+                return _xla_backward(fwd, ref, q, k, v, segment_ids)
+            return fwd(q, k, v, segment_ids)
         _warn_fallback(reason)
     elif impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r} (expected 'xla' or 'cudnn')")
-    if segment_ids is None:
-        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None] if causal else None
-    else:
-        mask = make_mask(segment_ids, causal=causal, cross_segment=cross_segment)
-    return xla_attention(q, k, v, mask, scale)
+    return ref(q, k, v, segment_ids)
