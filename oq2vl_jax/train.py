@@ -212,7 +212,7 @@ class Trainer:
                     return fn(*args)
             return call
         call = within(jitted)
-        call.lower = within(jitted.lower)
+        call.lower, call.trace = within(jitted.lower), within(jitted.trace)
         return call
 
     # ----- state -----------------------------------------------------------------------------------

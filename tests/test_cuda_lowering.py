@@ -174,3 +174,37 @@ def test_vlm_loss_and_gradient_lower(hopper):
         assert calls[FWD] > 0 and calls[BWD] > 0, (c.vision.image_size, calls)
         if not vision_trained:
             assert calls[BWD] < calls[FWD], calls  # the frozen tower runs forward kernels only
+
+
+@pytest.mark.parametrize("config, overrides", [("pretrain", []), ("pretrain", ["optim.freeze=[]"]), ("sft", [])],
+                         ids=["pretrain", "pretrain-tower-trained", "sft"])
+def test_full_size_train_step_lowers(hopper, tmp_path, config, overrides):
+    """The real jitted train step of the shipped configs at full size (SigLIP-so400m + Qwen2.5-1.5B,
+    4096-token rows; abstract, nothing allocated), on one device: every attention is cuDNN's."""
+    import importlib.util
+    import os
+
+    from oq2vl_jax.config import load_config
+    from oq2vl_jax.train import Trainer
+    from oq2vl_jax.train_step import MODEL_KEYS, batch_shardings
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_bench", os.path.join(root, "bench", "train_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # its synthetic rows: packed like the real data
+    cfg = load_config(os.path.join(root, "configs", f"{config}.yaml"),
+                      ["data.global_batch_size=2", "train.micro_batches=1", "train.init_from=null", "tokenizer=null",
+                       "mesh.fsdp=1", *overrides])
+    trainer = Trainer(cfg, str(tmp_path))
+    rows = bench.synthetic_rows(cfg, 2, min(22, cfg.data.max_images))
+    example = {k: v[None] for k, v in rows.items()}
+    shardings = batch_shardings(trainer.mesh, example, True)
+    batch = {k: jax.ShapeDtypeStruct(example[k].shape, example[k].dtype, sharding=shardings[k]) for k in MODEL_KEYS}
+    text = trainer.train_step.trace(trainer.abstract_state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    trainer.mngr.close()
+    calls = collections.Counter(line.split("custom_call @")[1].split("(")[0]
+                                for line in text.splitlines() if "custom_call @__cudnn" in line)
+    layers = cfg.model.text.num_hidden_layers
+    assert calls[BWD] == layers, calls  # the LLM's; the tower is frozen or odd-length (XLA backward)
+    assert calls[FWD] > layers, calls  # plus the tower's forward
+    assert "stablehlo.dot_general" in text
