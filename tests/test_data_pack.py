@@ -356,3 +356,28 @@ def test_text_mode_reads_a_json_list_and_refuses_other_files(demo, tmp_path):
     shard = _shards(demo)[0]
     st = pack.run(_cfg(demo, tmp_path / "t", mode="text"), [shard], log=lambda m: None)
     assert st["samples_in"] == 0 and "text mode reads" in st["bad_shards"][shard]
+
+
+def test_rerun_that_reuses_everything_keeps_the_folder_readable(demo, tmp_path, monkeypatch):
+    """A trainer may read OUT (e.g. its eval source) while a re-run finds every unit done: the
+    summary must stay in place; a unit that changes removes it first."""
+    from oq2vl_jax.data.loader import resolve_source
+
+    shards, out = _shards(demo)[:2], tmp_path / "o"
+    pack.run(_cfg(demo, out), shards, log=lambda m: None)
+    seen = []
+    real = pack.pack_unit
+
+    def pack_unit(cfg, unit):  # what a reader sees while the run is under way
+        try:
+            seen.append(len(resolve_source(str(out))))
+        except FileNotFoundError:
+            seen.append("refused")
+        return real(cfg, unit)
+
+    monkeypatch.setattr(pack, "pack_unit", pack_unit)
+    pack.run(_cfg(demo, out), shards, log=lambda m: None)
+    assert seen == [2, 2]
+    seen.clear()
+    pack.run(_cfg(demo, out, image_format="png"), shards, log=lambda m: None)
+    assert seen == [2, "refused"]

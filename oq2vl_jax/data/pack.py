@@ -251,6 +251,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         # Not reusable: drop the marker before touching the rows, so a run killed between writing new
         # rows and their marker cannot leave an old marker vouching for the new rows.
         os.remove(stats_path)
+    _invalidate_summary(cfg.out)  # this unit changes OUT
 
     skipped = collections.Counter()
     skipped_keys, shard_errors, kept = [], {}, []
@@ -345,12 +346,23 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
     }
 
 
+def _invalidate_summary(out: str) -> None:
+    """Removes OUT/stats.json before OUT changes: until the run writes a new one, OUT holds a mix of
+    old and new units, which the loader refuses (unit markers without a summary). A re-run that
+    reuses every unit leaves it in place, so a trainer reading OUT meanwhile is not disturbed."""
+    try:
+        os.remove(os.path.join(out, "stats.json"))
+    except FileNotFoundError:
+        pass
+
+
 def _remove_stale(out: str, names: set[str], log) -> None:
     """Deletes unit outputs of earlier runs into `out` that this run's units do not include (other
     inputs or another --window); left there, the loader would read their rows as well."""
     for f in sorted(os.listdir(out)):
         for suffix in (".array_record", ".stats.json"):
             if f.endswith(suffix) and f != "stats.json" and f[: -len(suffix)] not in names:
+                _invalidate_summary(out)
                 os.remove(os.path.join(out, f))
                 log(f"removed {f}: output of an earlier run, not a unit of this one")
 
@@ -360,10 +372,6 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     os.makedirs(cfg.out, exist_ok=True)
-    # The run summary goes first: until this run writes a new one, OUT holds a mix of old and new units
-    # and the loader must not read it as the old run's output (it refuses unit markers without it).
-    if os.path.exists(os.path.join(cfg.out, "stats.json")):
-        os.remove(os.path.join(cfg.out, "stats.json"))
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
