@@ -202,10 +202,28 @@ def _process(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
-def _source(path: str):
+def _source(path: str, files: list[str] | None = None):
     import grain
 
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(resolve_source(path)))
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files or resolve_source(path)))
+
+
+def _open_sources(cfg: LoaderConfig) -> dict[int, tuple[list[str], object]]:
+    """{index in cfg.sources: (row files, MapDataset)} of the sources read (weight > 0), checked;
+    opened once for both the dataset and the iterator's layout."""
+    opened = {}
+    for k, (path, weight) in enumerate(cfg.sources):
+        if float(weight) == 0:
+            continue
+        _check_source(cfg, path)
+        files = resolve_source(path)
+        ds = _source(path, files)
+        if len(ds) == 0:  # repeat() of nothing would end the "infinite" stream at once (bare StopIteration)
+            raise ValueError(f"data source {path!r} has no rows")
+        opened[k] = (files, ds)
+    if not opened:
+        raise ValueError("all sources have weight 0")
+    return opened
 
 
 class _ProcessRows:
@@ -248,46 +266,37 @@ def _finish(cfg: LoaderConfig, ds, drop_remainder: bool):
     return iter(ds)
 
 
-def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=None):
+def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=None, opened=None):
     """The infinite, mixed, shuffled, decoded (unbatched) ``grain.MapDataset`` of rows."""
     import grain
 
     pi, pc = _process(process_index, process_count)
     parts, weights = [], []
-    for k, (path, weight) in enumerate(cfg.sources):
-        if float(weight) == 0:
-            continue
-        _check_source(cfg, path)
-        ds = _source(path)
-        if len(ds) == 0:  # repeat() of nothing would end the "infinite" stream at once (bare StopIteration)
-            raise ValueError(f"data source {path!r} has no rows")
+    for k, (_, ds) in (opened or _open_sources(cfg)).items():
         if cfg.shuffle:
             # A distinct stream per source; k is spaced widely because Grain reshuffles epoch e with
             # seed + e, and seed + k would make source k's epoch e+1 source k+1's epoch e.
             ds = ds.shuffle(seed=(cfg.seed * 1_000_003 + k * 1_000_000_007) % 2**32)
         parts.append(ds.repeat(None))
-        weights.append(float(weight))
-    if not parts:
-        raise ValueError("all sources have weight 0")
+        weights.append(float(cfg.sources[k][1]))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     if pc > 1:
         ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
     return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype))
 
 
-def data_layout(cfg: LoaderConfig, process_index: int, process_count: int) -> dict:
+def data_layout(cfg: LoaderConfig, process_index: int, process_count: int, opened=None) -> dict:
     """What a train iterator position means: the same index in a loader that differs in any of these
     reads other rows."""
-    from grain.sources import ArrayRecordDataSource
-
+    opened = opened or _open_sources(cfg)
     sources = []
-    for path, weight in cfg.sources:
-        if float(weight) == 0:  # not read
+    for k, (path, weight) in enumerate(cfg.sources):
+        if k not in opened:  # weight 0: not read
             sources.append({"path": path, "weight": 0.0})
             continue
-        files = resolve_source(path)
+        files, ds = opened[k]
         sources.append({"path": path, "weight": float(weight), "files": [os.path.basename(f) for f in files],
-                        "rows": len(ArrayRecordDataSource(files))})
+                        "rows": len(ds)})
     return {"batch_size": cfg.batch_size, "process_index": process_index, "process_count": process_count,
             "seed": cfg.seed, "shuffle": cfg.shuffle, "num_workers": cfg.num_workers, "sources": sources}
 
@@ -327,8 +336,9 @@ def _checked_iterator_class():
 def make_train_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None):
     """Infinite iterator of fixed-shape batches; a ``grain.DatasetIterator`` (get_state / set_state)."""
     pi, pc = _process(process_index, process_count)
-    ds = make_train_dataset(cfg, process_index=pi, process_count=pc)
-    return _checked_iterator_class()(_finish(cfg, ds, drop_remainder=True), data_layout(cfg, pi, pc))
+    opened = _open_sources(cfg)
+    ds = make_train_dataset(cfg, process_index=pi, process_count=pc, opened=opened)
+    return _checked_iterator_class()(_finish(cfg, ds, drop_remainder=True), data_layout(cfg, pi, pc, opened))
 
 
 def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=None, pad_id: int = 0):
@@ -343,7 +353,7 @@ def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=N
     parts = []
     for path, _ in cfg.sources:
         _check_source(cfg, path)
-        parts.append(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(resolve_source(path))))
+        parts.append(_source(path))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     total = len(ds)
     per_process = -(-total // pc)

@@ -80,8 +80,8 @@ def _cudnn_unavailable_reason(dtype_name: str, packed: bool) -> str | None:
         from jax._src.cudnn import fused_attention_stablehlo  # noqa: F401
     except ImportError as e:  # private module: pinned JAX versions only
         return f"jax._src.cudnn.fused_attention_stablehlo is not importable ({e})"
-    if packed and _gpu_capability() < (9, 0):  # jax refuses the packed layout before Hopper
-        return f"cuDNN's packed layout (segment ids) needs compute capability 9.0+, this GPU has {_gpu_capability()}"
+    if packed and (cc := _gpu_capability()) < (9, 0):  # jax refuses the packed layout before Hopper
+        return f"cuDNN's packed layout (segment ids) needs compute capability 9.0+, this GPU has {cc}"
     return None
 
 
