@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from oq2vl_jax.cli import UserError
+
 PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 CONFIG_FILE = "config.yaml"
 
@@ -178,7 +180,7 @@ def saved_param_shapes(run_dir: str, step: int) -> dict:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint's parameters do not fit the model config; the message names them."""
 
 

@@ -15,10 +15,12 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from oq2vl_jax.cli import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names it by its dotted path."""
 
 

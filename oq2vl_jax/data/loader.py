@@ -30,13 +30,14 @@ import os
 
 import numpy as np
 
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.data.images import normalize
 from oq2vl_jax.data.records import decode_row
 
 MODES = ("packed", "unpacked_sft")
 
 
-class DataStateMismatch(ValueError):
+class DataStateMismatch(UserError, ValueError):
     """A saved train-iterator state restored into a loader that reads the data differently."""
 
 

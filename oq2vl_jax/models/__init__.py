@@ -19,21 +19,29 @@ from oq2vl_jax.sharding import state_shardings, use_mesh
 # eager sharding would demand a mesh context even for plain single-device models.
 nnx.use_eager_sharding(False)
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "OQ2VL", "build", "build_abstract",
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "OQ2VL", "ARCHS", "model_class", "build", "build_abstract",
            "build_sharded", "flat_params", "assign_params", "count_params", "load_hf"]
+
+
+# model.arch -> the model class; each takes (cfg, rngs=) and shares the batch layout of models/vlm.py.
+ARCHS = {"oq2vl": OQ2VL}
+
+
+def model_class(cfg: ModelConfig):
+    return ARCHS[cfg.arch]
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> OQ2VL:
     """A randomly initialised model on the default device."""
-    return OQ2VL(cfg, rngs=nnx.Rngs(seed))
+    return model_class(cfg)(cfg, rngs=nnx.Rngs(seed))
 
 
 def build_abstract(cfg: ModelConfig, mesh: Mesh | None = None):
     """(graphdef, abstract state) without allocating; with a mesh the leaves carry NamedShardings."""
     if mesh is None:
-        return nnx.split(nnx.eval_shape(lambda: OQ2VL(cfg, rngs=nnx.Rngs(0))))
+        return nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
     with use_mesh(mesh):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: OQ2VL(cfg, rngs=nnx.Rngs(0))))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
         shardings = state_shardings(state, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     return graphdef, state
@@ -46,7 +54,7 @@ def build_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> OQ2VL:
 
     @jax.jit
     def init():
-        return nnx.state(OQ2VL(cfg, rngs=nnx.Rngs(seed)))
+        return nnx.state(model_class(cfg)(cfg, rngs=nnx.Rngs(seed)))
 
     with use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()

@@ -75,6 +75,9 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # The model family: vision tower, projector and decoder variant (models.ARCHS maps it to a class).
+    # "oq2vl": SigLIP -> average-pooled 2-layer GELU MLP -> Qwen2 (Open-Qwen2VL).
+    arch: Literal["oq2vl"] = "oq2vl"
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     # Image tokens per image after pooling the patch grid: a square (144 = 12x12 pre-training,

@@ -14,6 +14,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from oq2vl_jax.cli import UserError
+
 # Our top-level component -> the HF model class whose state dict it holds.
 VISION, PROJECTOR, LLM = "vision_tower", "multi_modal_projector", "language_model"
 
@@ -25,7 +27,7 @@ _IGNORED = {
 }
 
 
-class WeightError(ValueError):
+class WeightError(UserError, ValueError):
     """A missing, unexpected or mis-shaped tensor; the message names it."""
 
 

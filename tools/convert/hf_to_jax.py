@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from oq2vl_jax import checkpoint
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.config import Config
 from oq2vl_jax.hf_io import LazyTensors, read_model_dir, read_torch, read_weights_file, torch_tensors, torch_linear_init
 from oq2vl_jax.models import ModelConfig, TextConfig, VisionConfig, build_abstract, flat_params
@@ -55,7 +56,7 @@ TIMM_WEIGHT_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_c
                      "pytorch_model.bin")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Bad inputs (wrong directory, unsupported config); the message says what and where."""
 
 

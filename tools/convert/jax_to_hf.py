@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from oq2vl_jax import checkpoint
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.hf_io import parse_size, write_safetensors
 from oq2vl_jax.models import build_abstract, flat_params
 from oq2vl_jax.models.config import ModelConfig
@@ -48,7 +49,7 @@ REMOTE_CODE_FILES = ("configuration_pooled_llava.py", "modeling_pooled_llava.py"
 MAX_POSITION_EMBEDDINGS = 32768
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The checkpoint cannot be written in the requested format; the message says why."""
 
 
