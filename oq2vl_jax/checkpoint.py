@@ -14,43 +14,17 @@ sharding), so a checkpoint saved from any mesh is read onto any other mesh, or o
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from oq2vl_jax.cli import UserError
+from oq2vl_jax.treepaths import dotted, flatten, nest  # noqa: F401  nest: callers use checkpoint.nest
 
 PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 CONFIG_FILE = "config.yaml"
-
-
-def nest(flat: Mapping[tuple, Any], str_keys: bool = True) -> dict:
-    """{("a", "layers", 0, "b"): x} -> {"a": {"layers": {"0": {"b": x}}}}.
-
-    Orbax stores int and str keys under the same names, so either form restores the other;
-    `str_keys=False` keeps list indices as ints, the form `nnx.merge` takes."""
-    key = str if str_keys else (lambda p: p)
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(key(p), {})
-        node[key(path[-1])] = value
-    return out
-
-
-def flatten(nested: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """Inverse of `nest`; digit keys become ints again (list indices of the model)."""
-    out = {}
-    for k, v in nested.items():
-        key = prefix + (int(k) if isinstance(k, str) and k.isdigit() else k,)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -189,10 +163,9 @@ def check_saved_params(run_dir: str, step: int, abstract_params: Mapping) -> Non
     at `step` disagree on (missing, extra or differently shaped), instead of Orbax's tree error."""
     saved = {k: tuple(v.shape) for k, v in flatten(saved_param_shapes(run_dir, step)).items()}
     want = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
-    name = lambda p: ".".join(map(str, p))  # noqa: E731
-    problems = [f"missing {name(k)}" for k in sorted(want.keys() - saved.keys(), key=name)]
-    problems += [f"extra {name(k)}" for k in sorted(saved.keys() - want.keys(), key=name)]
-    problems += [f"{name(k)} saved {saved[k]}, model {want[k]}" for k in sorted(want.keys() & saved.keys(), key=name)
+    problems = [f"missing {dotted(k)}" for k in sorted(want.keys() - saved.keys(), key=dotted)]
+    problems += [f"extra {dotted(k)}" for k in sorted(saved.keys() - want.keys(), key=dotted)]
+    problems += [f"{dotted(k)} saved {saved[k]}, model {want[k]}" for k in sorted(want.keys() & saved.keys(), key=dotted)
                  if saved[k] != want[k]]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

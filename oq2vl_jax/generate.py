@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize, squash
+from oq2vl_jax.images import normalize, squash
 from oq2vl_jax.models.cache import KVCache
+from oq2vl_jax.treepaths import dotted
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
 DEFAULT_SYSTEM = "You are a helpful assistant."  # as oq2vl_jax.data.samples (SFT training)
@@ -430,7 +431,7 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     loaded = checkpoint.flatten(params)
     for path, var in nnx.to_flat_state(abstract):
         if path not in loaded:
-            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {'.'.join(map(str, path))}")
+            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {dotted(path)}")
         var.set_value(loaded[path])
     return nnx.merge(graphdef, abstract), cfg, step
 

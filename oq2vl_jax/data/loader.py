@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from oq2vl_jax.cli import UserError
-from oq2vl_jax.data.images import normalize
+from oq2vl_jax.images import normalize
 from oq2vl_jax.data.records import decode_row
 
 MODES = ("packed", "unpacked_sft")

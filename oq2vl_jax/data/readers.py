@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 
-from oq2vl_jax.data.images import squash
+from oq2vl_jax.images import squash
 from oq2vl_jax.data.samples import SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
