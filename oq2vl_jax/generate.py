@@ -10,7 +10,7 @@ per step against the KV cache until every row has emitted a stop token or ``max_
 reached. Each (batch, prompt length, max length) shape compiles once; prompt lengths are rounded up
 to ``pad_multiple`` so that different batches mostly share a compilation.
 
-Prompt formats (spec §3, §4, §9):
+Prompt formats (docs/original_system.md §3-4):
   caption  ``<s>`` + ``<image>\\n`` per image + prompt (the pre-training layout; the default)
   chat     the tokenizer's chat template with a system message (SFT models trained with ChatML)
   chat-original  the original's Qwen2PromptBuilder, quirks included
@@ -269,7 +269,7 @@ class Generator:
 # ---------------------------------------------------------------------------------------------
 
 def load_image(image, size: int) -> np.ndarray:
-    """Inference preprocessing (spec §1 "resize-naive"): RGB, PIL bicubic squash to size x size,
+    """Inference preprocessing ("resize-naive", docs/original_system.md §1): RGB, PIL bicubic squash to size x size,
     (x/255 - 0.5)/0.5. Accepts a path, a PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
     from PIL import Image
 

@@ -231,12 +231,6 @@ class Trainer:
         step = self.mngr.latest_step()
         if step is not None:
             ckpt.check_saved_params(self.workdir, step, self._abstract_params())
-            # Checkpoints saved before the iterator state carried its layout have it in meta "data" only.
-            saved = ckpt.restore(self.mngr, step, params=None, meta=True)[ckpt.META].get("data")
-            if data_iter is not None and saved is not None and saved != self._legacy_data_layout():
-                raise ConfigError(f"{ckpt.checkpoint_dir(self.workdir)}/{step} was saved reading the data as "
-                                  f"{saved}; this run reads it as {self._legacy_data_layout()} (to resume "
-                                  f"exactly, read the data as the saved run did)")
             from oq2vl_jax.data.loader import DataStateMismatch
 
             try:
@@ -256,13 +250,6 @@ class Trainer:
             return self._with_fresh_opt(ckpt.flatten(params)), 0
         model = build_sharded(self.cfg.model, self.mesh, seed=self.cfg.train.seed)
         return self._with_fresh_opt(flat_params(model)), 0
-
-    def _legacy_data_layout(self) -> dict:
-        """The data layout as checkpoints before the iterator-state layout recorded it (meta "data")."""
-        d = self.cfg.data
-        return {"micro_batch_rows": d.global_batch_size // self.cfg.train.micro_batches,
-                "process_count": jax.process_count(), "sources": [s.path for s in d.sources],
-                "weights": [s.weight for s in d.sources], "seed": d.seed, "num_workers": d.num_workers}
 
     def save(self, state: dict, step: int, data_iter) -> None:
         meta = {"step": step, "seed": self.cfg.train.seed}

@@ -64,7 +64,7 @@ def test_prompt_formats_match_training_layouts(run):
         prompt = ids_of(fmt, "what colour is it?", 1)
         assert prompt == full.input_ids[:len(prompt)].tolist() and full.loss_mask[len(prompt)] == 1, fmt
         assert full.loss_mask[:len(prompt)].sum() == 0
-    # fewshot: spec §9 demonstrations, then the query
+    # fewshot: demonstrations (docs/original_system.md §4), then the query
     shots = [{"image": "a.png", "question": "what colour?", "answer": "red"},
              {"image": "b.png", "question": "what shape?", "answer": "circle"}]
     text, bos = render_prompt(tok, "what is it?", 1, "fewshot", shots=shots)

@@ -241,24 +241,6 @@ def test_resume_refuses_a_different_data_layout(demo, tmp_path):
         run(tiny(demo, *STEPS, "data.num_workers=1"), str(tmp_path))
 
 
-def test_resume_of_a_checkpoint_saved_before_the_iterator_layout_is_still_checked(demo, tmp_path):
-    """Checkpoints of the previous version: a bare Grain iterator state, the layout in meta "data"."""
-    from oq2vl_jax.train import run
-
-    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
-    step_dir = tmp_path / "checkpoints" / "1"
-    (data_file,) = (step_dir / "data").glob("process_*.json")
-    data_file.write_text(json.dumps(json.loads(data_file.read_text())["iterator"]))
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    meta["data"] = {"micro_batch_rows": 8, "process_count": 1, "sources": [f"{demo}/packed"], "weights": [1.0],
-                    "seed": 7, "num_workers": 0}
-    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="micro_batch_rows"):
-        run(tiny(demo, *STEPS, "data.global_batch_size=32"), str(tmp_path))
-    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)  # read as saved: resumes
-    assert 2 in ckpt.make_manager(str(tmp_path), read_only=True).all_steps()
-
-
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):
     from oq2vl_jax.train import NonFiniteLoss, run
 

@@ -319,9 +319,6 @@ def _checked_iterator_class():
             return {"layout": self.layout, "iterator": self._it.get_state()}
 
         def set_state(self, state: dict) -> None:
-            if "layout" not in state:  # saved before the layout was recorded
-                self._it.set_state(state)
-                return
             saved = json.loads(json.dumps(state["layout"]))
             if saved != json.loads(json.dumps(self.layout)):
                 diff = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))

@@ -14,7 +14,7 @@ Formats:
                 files that add the pooling step; load with trust_remote_code=True.
   prismatic     back to the original code: OUT/checkpoints/latest-checkpoint.pt = {"model":
                 {"projector": mlp_projector.0/2.*, "llm_backbone": llm.<Qwen2 keys>}} in float32 with
-                both embed_tokens and lm_head (spec checklist 8), as the original saves a run with a
+                both embed_tokens and lm_head (docs/original_system.md §7), as the original saves a run with a
                 frozen tower (no vision_backbone: it loads timm's). OUT/config.json holds only
                 model.arch_specifier (e.g. "no-align+avgpool"); merge it into the run config the
                 original's loader expects. hf_to_jax.py --oq-checkpoint reads both back.
