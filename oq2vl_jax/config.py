@@ -105,7 +105,7 @@ class TrainConfig:
     keep_every: int = 0  # additionally keep every N-th step's checkpoint (0 = none)
     async_checkpointing: bool = True
     init_from: str | None = None  # a converted checkpoint directory (tools/convert/hf_to_jax.py)
-    peak_tflops: float = 989.0  # per-device bf16 dense peak for MFU (H100 SXM)
+    peak_tflops: float | None = None  # per-device peak for MFU; None: from the device kind (flops.py)
     # (first, last): trace these steps with jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)
     profile_steps: tuple[int, int] | None = None
 
@@ -113,7 +113,7 @@ class TrainConfig:
         at_least_1 = ("steps", "micro_batches", "loss_group_rows", "log_every", "checkpoint_every", "eval_batches")
         low = [f"{n} >= 1" for n in at_least_1 if not getattr(self, n) >= 1]
         low += [f"{n} >= 0" for n in ("epochs", "eval_every", "keep_last", "keep_every") if not getattr(self, n) >= 0]
-        if not self.peak_tflops > 0:
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
             low.append("peak_tflops > 0")
         if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
             low.append("1 <= profile_steps[0] <= profile_steps[1]")

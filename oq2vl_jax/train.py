@@ -28,7 +28,7 @@ import yaml
 
 from oq2vl_jax import checkpoint as ckpt
 from oq2vl_jax.config import Config, ConfigError, load_config, to_dict
-from oq2vl_jax.flops import train_step_flops
+from oq2vl_jax.flops import peak_flops_per_device, train_step_flops
 from oq2vl_jax.metrics import MetricsLogger
 from oq2vl_jax.models import build_abstract, build_sharded, flat_params
 from oq2vl_jax.sharding import make_mesh, use_mesh
@@ -318,6 +318,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     n_dev = jax.device_count()
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     shardings = None
     last, window_tokens, window_flops, window_start = {}, 0.0, 0.0, time.perf_counter()
     window_wait = 0.0  # host seconds blocked on the loader: near 0 unless the data cannot keep up
@@ -348,7 +349,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             if s % cfg.train.log_every == 0 or s == total_steps:
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_s"] = window_tokens / elapsed
-                host["mfu"] = window_flops / elapsed / (n_dev * cfg.train.peak_tflops * 1e12)
+                host["mfu"] = window_flops / elapsed / (n_dev * peak) if peak else None  # None: n/a
                 host["data_wait"] = window_wait / elapsed  # fraction of wall time spent waiting for batches
                 logger.log(s, host)
                 last = host
