@@ -13,6 +13,8 @@ sharding), so a checkpoint saved from any mesh is read onto any other mesh, or o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Mapping
 
@@ -37,8 +39,9 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
     """`save_concurrent_gb` bounds the params bytes Orbax serialises at once (its default, 96 GB, lets
     a host-memory save hold a copy of everything in flight); only for managers that save params alone."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep_last or None,
-        keep_period=keep_every or None,
+        max_to_keep=None if read_only else keep_last or None,
+        keep_period=None if read_only else keep_every or None,
+        save_interval_steps=0 if read_only else 1,  # a reader sets nothing Orbax would override with a warning
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
@@ -48,7 +51,21 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
     handlers = None
     if save_concurrent_gb is not None:
         handlers = {PARAMS: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)}
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+    with _absl_quiet() if read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """Orbax warns through absl that a read-only manager's directory is read-only, which is what the
+    reader asked for; a user loading a checkpoint for generation should not see it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state=None, meta: dict | None = None,

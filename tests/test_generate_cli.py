@@ -3,6 +3,7 @@ checkpoint written with oq2vl_jax.checkpoint (config.yaml + Orbax params + a rel
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -145,3 +146,18 @@ def test_cli_names_the_bad_request_line(tmp_path, line, match):
     shots.write_text('{"image": "a.png", "question": "q"}\n')
     with pytest.raises(ValueError, match=r"shots.jsonl:1: a shot is"):
         main(["--checkpoint", str(tmp_path / "no-such-run"), "--prompt", "q", "--shots", str(shots)])
+
+
+def test_loading_a_checkpoint_logs_no_warnings(run, caplog):
+    from oq2vl_jax.generate import load_checkpoint
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.WARNING)  # as in a fresh process, whatever earlier tests lowered it to
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, _, step = load_checkpoint(run[0])
+    finally:
+        absl.setLevel(level)
+    assert step == 5
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
