@@ -1,7 +1,8 @@
 """Input readers for the packer: WebDataset tars, LLaVA SFT json/jsonl, text jsonl/txt, image prep.
 
 Readers never raise on bad content. They return what could be read, plus a shard-level error message
-(truncated or garbage tar, unparsable json file). Per-sample problems surface later as ``SampleError``.
+(truncated or garbage tar, unparsable json file); tars are streamed, sample by sample, with the error
+as the generator's return value. Per-sample problems surface later as ``SampleError``.
 """
 from __future__ import annotations
 
