@@ -3,8 +3,8 @@
 Readers are lazy mappings {key: numpy array}: opening one reads only headers, and a tensor is read
 when its key is looked up, so a converter holds at most what it has already converted. bf16 comes
 back as ml_dtypes.bfloat16 numpy arrays (safetensors' numpy API and torch_to_numpy both use it), so
-dtypes survive untouched. torch is imported only for
-`.bin`/`.pt` files (mmap, weights_only) and is otherwise not needed.
+dtypes survive untouched. torch is imported only for `.bin`/`.pt` files (mmap, weights_only) and is
+otherwise not needed.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ import os
 import numpy as np
 
 from oq2vl_jax.cli import UserError
-from oq2vl_jax.images import normalize
 from oq2vl_jax.data.records import decode_row
+from oq2vl_jax.images import normalize
 
 MODES = ("packed", "unpacked_sft")
 

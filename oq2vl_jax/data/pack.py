@@ -12,12 +12,12 @@ shard-level read error is not marked complete, so a re-run retries it. ``OUT/sta
 
 Images are stored already squashed to image_size×image_size with PIL bicubic (the tower's own
 "resize-naive" transform, docs/original_system.md §1), so the loader only decodes and normalises.
-Default encoding is JPEG quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real photos offline): a smooth
-image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a worst-case image of
-fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB). Photos should fall in
-between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less disk and loader read
-bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact with the
-original's transform.
+Default encoding is JPEG quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real
+photos offline): a smooth image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a
+worst-case image of fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB).
+Photos should fall in between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less
+disk and loader read bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact
+with the original's transform.
 
 Every input sample is either packed into exactly one row or counted in ``skipped`` with its reason.
 """

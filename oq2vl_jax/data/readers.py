@@ -14,8 +14,8 @@ import re
 import tarfile
 from typing import Iterator
 
-from oq2vl_jax.images import squash
 from oq2vl_jax.data.samples import SampleError
+from oq2vl_jax.images import squash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
