@@ -8,7 +8,7 @@
 # Stages:
 #   check     tests/test_gpu.py: cuDNN packed/unmasked attention and the whole model vs XLA, bf16
 #   train     bench/train_bench.py (pretrain shapes) beside the PyTorch baseline, if BASELINE names
-#             its file (shared/bench/torch_baseline.py)
+#             its file (a PyTorch script kept outside this repository)
 #   ablate    the same step with every image slot through the tower, then with XLA attention
 #   generate  bench/generate_bench.py at full size: SFT (729 image tokens) and pre-training (144)
 #   data      bench/pack_bench.py and bench/loader_bench.py with all cores

@@ -10,7 +10,7 @@ per step against the KV cache until every row has emitted a stop token or ``max_
 reached. Each (batch, prompt length, max length) shape compiles once; prompt lengths are rounded up
 to ``pad_multiple`` so that different batches mostly share a compilation.
 
-Prompt formats (spec §3, §4, §9):
+Prompt formats (docs/original_system.md §3-4):
   caption  ``<s>`` + ``<image>\\n`` per image + prompt (the pre-training layout; the default)
   chat     the tokenizer's chat template with a system message (SFT models trained with ChatML)
   chat-original  the original's Qwen2PromptBuilder, quirks included
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize, squash
+from oq2vl_jax.images import normalize, squash
 from oq2vl_jax.models.cache import KVCache
+from oq2vl_jax.treepaths import dotted
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
 DEFAULT_SYSTEM = "You are a helpful assistant."  # as oq2vl_jax.data.samples (SFT training)
@@ -267,7 +268,7 @@ class Generator:
 # ---------------------------------------------------------------------------------------------
 
 def load_image(image, size: int) -> np.ndarray:
-    """Inference preprocessing (spec §1 "resize-naive"): RGB, PIL bicubic squash to size x size,
+    """Inference preprocessing ("resize-naive", docs/original_system.md §1): RGB, PIL bicubic squash to size x size,
     (x/255 - 0.5)/0.5. Accepts a path, a PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
     from PIL import Image
 
@@ -429,7 +430,7 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     loaded = checkpoint.flatten(params)
     for path, var in nnx.to_flat_state(abstract):
         if path not in loaded:
-            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {'.'.join(map(str, path))}")
+            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {dotted(path)}")
         var.set_value(loaded[path])
     return nnx.merge(graphdef, abstract), cfg, step
 

@@ -3,7 +3,7 @@
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from oq2vl_jax.flops import llm_matmul_params, train_step_flops, vision_forward_flops_per_image
+from oq2vl_jax.flops import llm_matmul_params, peak_flops_per_device, train_step_flops, vision_forward_flops_per_image
 from oq2vl_jax.models import ModelConfig
 
 
@@ -36,3 +36,12 @@ def test_step_flops_scale_with_rows_and_images():
     one = train_step_flops(cfg, 1, 4096, 0)
     assert train_step_flops(cfg, 2, 4096, 0) == 2 * one
     assert train_step_flops(cfg, 1, 4096, 22) > one
+
+
+def test_peak_flops_come_from_the_device_kind_unless_configured():
+    kinds = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA GH200 480GB": 989,
+             "NVIDIA A100-SXM4-40GB": 312, "NVIDIA A100 80GB PCIe": 312, "NVIDIA B200": 2250}
+    for kind, tflops in kinds.items():
+        assert peak_flops_per_device(kind, None) == tflops * 1e12, kind
+    assert peak_flops_per_device("cpu", None) is None  # MFU is n/a rather than made up
+    assert peak_flops_per_device("cpu", 0.5) == peak_flops_per_device("NVIDIA H100 80GB HBM3", 0.5) == 0.5e12
