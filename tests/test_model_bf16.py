@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from hf_tiny import hf_siglip, our_config, state_dict_np
-from oq2vl_jax.models import build, load_hf
+from hf_tiny import hf_qwen2, hf_siglip, our_config, state_dict_np
+from oq2vl_jax.models import load_hf
 from oq2vl_jax.models.attention import make_mask, xla_attention
 from oq2vl_jax.models.layers import LayerNorm, RMSNorm
 from oq2vl_jax.models.vlm import token_losses
-from torch_vlm import TorchVLM, caption_sample
+from torch_vlm import TorchVLM, caption_sample, zeros_model
 
 BF16_TOL = 2.0 ** -6  # of max |reference|; a bf16 ulp is 2^-7 relative at worst
 BF16_SLACK = 1.5  # ours vs f32 may be this much further than HF bf16 vs f32
@@ -111,7 +112,7 @@ def _assert_bf16_close(ours, hf_bf16, hf_f32, what):
     assert ours_err <= BF16_SLACK * hf_err, f"{what}: ours is {ours_err:.3g} from float32, HF bf16 {hf_err:.3g}"
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("act", ["gelu", pytest.param("gelu_pytorch_tanh", marks=pytest.mark.slow)])
 def test_siglip_in_bf16_matches_hf_in_bf16(act):
     hf = hf_siglip(act, layer_norm_eps=1e-5)
     rng = np.random.default_rng(4)
@@ -123,13 +124,32 @@ def test_siglip_in_bf16_matches_hf_in_bf16(act):
         f32 = hf(pixel_values=pix, output_hidden_states=True).hidden_states[-2].numpy()
         hf.to(torch.bfloat16)
         b16 = _f32(hf(pixel_values=pix.bfloat16(), output_hidden_states=True).hidden_states[-2])
-    model = build(our_config(hf_vision=hf, vision_dtype="bfloat16", dtype="bfloat16"))
+    model = zeros_model(our_config(hf_vision=hf, vision_dtype="bfloat16", dtype="bfloat16"))
     load_hf(model, vision_tower=state_dict_np(hf))  # the bf16 weights, held exactly in float32
-    out = model.vision_tower(images)
+    out = nnx.jit(lambda m, x: m.vision_tower(x))(model, images)
     assert out.dtype == jnp.bfloat16
     _assert_bf16_close(_f32(out), b16, f32, "SigLIP features")
 
 
+def test_qwen2_in_bf16_matches_hf_in_bf16():
+    """Token embeddings scaled over four decades: some rows' mean square falls below rms_norm_eps."""
+    hf = hf_qwen2(rms_norm_eps=1e-5)
+    rng = np.random.default_rng(6)
+    with torch.no_grad():
+        emb = hf.model.embed_tokens.weight
+        emb.mul_(torch.from_numpy(np.logspace(-2, 2, emb.shape[0])[rng.permutation(emb.shape[0])]).float()[:, None])
+    ids = torch.from_numpy(rng.integers(0, emb.shape[0], (2, 24)))
+    with torch.no_grad():
+        f32 = hf(input_ids=ids).logits.numpy()
+        hf.to(torch.bfloat16)
+        b16 = _f32(hf(input_ids=ids).logits)
+    model = zeros_model(our_config(hf_text=hf, dtype="bfloat16", vision_dtype="bfloat16"))
+    load_hf(model, language_model=state_dict_np(hf))
+    logits = nnx.jit(lambda m, x: m.language_model(x))(model, ids.numpy())
+    _assert_bf16_close(np.asarray(logits), b16, f32, "Qwen2 logits")
+
+
+@pytest.mark.slow
 def test_vlm_in_bf16_matches_hf_in_bf16():
     """The whole model (tower, pooling, projector, decoder, logits) in bf16 on one sample with two
     images of very different ranges and token embeddings scaled over four decades."""
@@ -148,5 +168,6 @@ def test_vlm_in_bf16_matches_hf_in_bf16():
         ref.dtype = torch.bfloat16
         b16 = _f32(ref.logits(ids, images))
     model = ref.ours(dtype="bfloat16", vision_dtype="bfloat16")
-    logits = model(ids[None], images[None], np.arange(len(ids))[None], np.ones((1, len(ids)), np.int32))
+    logits = nnx.jit(lambda m, *a: m(*a))(model, ids[None], images[None], np.arange(len(ids))[None],
+                                          np.ones((1, len(ids)), np.int32))
     _assert_bf16_close(np.asarray(logits)[0], b16, f32, "VLM logits")

@@ -8,16 +8,15 @@ import dataclasses
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from hf_tiny import TEXT_VARIANT, VISION_VARIANT, our_config, state_dict_np
-from oq2vl_jax.models import ModelConfig, TextConfig, VisionConfig, build_abstract, load_hf
+from oq2vl_jax.models import TextConfig, VisionConfig, load_hf
 from oq2vl_jax.models.vlm import token_losses
+from torch_vlm import zeros_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "convert"))
 import hf_to_jax  # noqa: E402
@@ -47,12 +46,6 @@ def _hf_text(seed=0) -> Qwen2ForCausalLM:
     return model.eval()
 
 
-def _model(cfg: ModelConfig):
-    """Our model with zero parameters (filled by load_hf): no random init to compile."""
-    graphdef, abstract = build_abstract(cfg)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
-
-
 def _assert_close(ours, ref, what):
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=1e-6 * np.abs(ref).max(), err_msg=what)
 
@@ -72,9 +65,9 @@ def test_siglip_variant_matches_hf():
     images = np.random.default_rng(0).uniform(-1, 1, (2, 45, 45, 4)).astype(np.float32)
     with torch.no_grad():
         ref = hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
-    model = _model(our_config(hf_vision=hf, image_tokens=1))
+    model = zeros_model(our_config(hf_vision=hf, image_tokens=1))
     load_hf(model, vision_tower=state_dict_np(hf))
-    _assert_close(np.asarray(model.vision_tower(images)), ref.hidden_states[-2].numpy(), "SigLIP features")
+    _assert_close(np.asarray(nnx.jit(lambda m, x: m.vision_tower(x))(model, images)), ref.hidden_states[-2].numpy(), "SigLIP features")
 
 
 def test_qwen2_variant_matches_hf():
@@ -85,9 +78,9 @@ def test_qwen2_variant_matches_hf():
     labels[:, :7] = -100
     with torch.no_grad():
         out = hf(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels))
-    model = _model(our_config(hf_text=hf))
+    model = zeros_model(our_config(hf_text=hf))
     load_hf(model, language_model=state_dict_np(hf))
-    logits = np.asarray(model.language_model(ids))
+    logits = np.asarray(nnx.jit(lambda m, x: m.language_model(x))(model, ids))
     _assert_close(logits, out.logits.numpy(), "Qwen2 logits")
     total, count = token_losses(logits, ids, (labels != -100).astype(np.int32), np.ones_like(ids), cross_segment=False)
     np.testing.assert_allclose(float(total.sum() / count.sum()), out.loss.item(), rtol=1e-5)

@@ -4,12 +4,14 @@ inputs_embeds of Qwen2ForCausalLM. One sample at a time (what a packed row must 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
 from hf_tiny import IMAGE_TOKEN_ID, hf_qwen2, hf_siglip, our_config, state_dict_np
-from oq2vl_jax.models import build, load_hf
+from oq2vl_jax.models import build_abstract, load_hf
 
 
 class TorchVLM:
@@ -66,10 +68,16 @@ class TorchVLM:
     def ours(self, **overrides):
         """Our model with the same weights (float32 parameters holding the torch values exactly)."""
         cfg = our_config(hf_vision=self.vision, hf_text=self.llm, image_tokens=self.side ** 2, **overrides)
-        model = build(cfg)
+        model = zeros_model(cfg)
         load_hf(model, vision_tower=state_dict_np(self.vision), language_model=state_dict_np(self.llm),
                 multi_modal_projector=self.projector_state())
         return model
+
+
+def zeros_model(cfg):
+    """Our model with zero parameters, to be overwritten by load_hf (no random init to compile)."""
+    graphdef, abstract = build_abstract(cfg)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jax.numpy.asarray(np.zeros(a.shape, a.dtype)), abstract))
 
 
 def caption_sample(rng, n_images: int, n_text: int, image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
