@@ -67,7 +67,8 @@ def test_siglip_variant_matches_hf():
         ref = hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
     model = zeros_model(our_config(hf_vision=hf, image_tokens=1))
     load_hf(model, vision_tower=state_dict_np(hf))
-    _assert_close(np.asarray(nnx.jit(lambda m, x: m.vision_tower(x))(model, images)), ref.hidden_states[-2].numpy(), "SigLIP features")
+    out = nnx.jit(lambda m, x: m.vision_tower(x))(model, images)
+    _assert_close(np.asarray(out), ref.hidden_states[-2].numpy(), "SigLIP features")
 
 
 def test_qwen2_variant_matches_hf():

@@ -63,7 +63,8 @@ class TorchVLM:
         proj = {f"linear_{i}.{leaf}": getattr(self.proj[j], leaf) for i, j in ((1, 0), (2, 2))
                 for leaf in ("weight", "bias")}
         vision = {k.removeprefix("vision_model."): p for k, p in self.vision.named_parameters()}
-        return {"vision_tower": vision, "multi_modal_projector": proj, "language_model": dict(self.llm.named_parameters())}
+        llm = dict(self.llm.named_parameters())
+        return {"vision_tower": vision, "multi_modal_projector": proj, "language_model": llm}
 
     def ours(self, **overrides):
         """Our model with the same weights (float32 parameters holding the torch values exactly)."""
