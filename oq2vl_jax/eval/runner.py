@@ -85,19 +85,27 @@ def compute_metrics(bench: Benchmark, questions: Sequence[Question], records: di
             "missing": len(questions) - len(scored), **metrics}
 
 
+def make_generator(model, tokenizer, mesh=None):
+    """The generator evaluate() uses: the original's stop tokens, no vocabulary limit (HF generate's
+    argmax runs over every embedding row too)."""
+    from oq2vl_jax.data.tokenizer import PAD
+    from oq2vl_jax.eval.parallel import DataParallelGenerator
+
+    return DataParallelGenerator(model, mesh=mesh, pad_id=tokenizer.convert_tokens_to_ids(PAD),
+                                 stop_ids=stop_ids(tokenizer))
+
+
 def _share(questions: Sequence[Question], index: int, count: int) -> list[Question]:
     return [q for i, q in enumerate(questions) if i % count == index]
 
 
 def evaluate(model, tokenizer, bench: Benchmark, questions: Sequence[Question], out_dir: str, *,
              demos: Sequence[Demo] = (), batch_size: int = 8, process_index: int = 0, process_count: int = 1,
-             mesh=None, progress: bool = True) -> dict:
+             mesh=None, generator=None, progress: bool = True) -> dict:
     """Answers every question not yet in the predictions file, then writes and returns the metrics
-    (process 0; other processes return {})."""
+    (process 0; other processes return {}). Pass a DataParallelGenerator (see make_generator) to reuse
+    its compiled functions across calls."""
     from tqdm import tqdm
-
-    from oq2vl_jax.data.tokenizer import PAD
-    from oq2vl_jax.eval.parallel import DataParallelGenerator
 
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, "predictions.jsonl")
@@ -110,8 +118,7 @@ def evaluate(model, tokenizer, bench: Benchmark, questions: Sequence[Question], 
     if done:
         log.info("%s: %d predictions already in %s; %d questions to go", bench.name, len(done), path, len(todo))
 
-    gen = DataParallelGenerator(model, mesh=mesh, pad_id=tokenizer.convert_tokens_to_ids(PAD),
-                                stop_ids=stop_ids(tokenizer))
+    gen = generator or make_generator(model, tokenizer, mesh)
     batch = -(-batch_size // gen.n_devices) * gen.n_devices  # rows split evenly over the devices
     options = letter_ids(tokenizer, bench.letters) if bench.likelihood else []
     maker = PromptMaker(bench, tokenizer, model.cfg, demos)
