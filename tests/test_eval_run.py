@@ -39,7 +39,7 @@ def _png(seed, size=(30, 40)):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny random checkpoint (run dir with a relative tokenizer) and benchmark files of each kind."""
+    """A tiny random model with its tokenizer, and benchmark files of each kind (no checkpoint: see ckpt)."""
     root = tmp_path_factory.mktemp("eval")
     build_tiny_tokenizer(TEXTS, str(root / "run" / "tok"), vocab_size=300)
     tok = load_tokenizer(str(root / "run" / "tok"))
@@ -47,11 +47,6 @@ def env(tmp_path_factory):
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tok)),
                               image_token_id=special_ids(tok).image)
     model = build(cfg, seed=3)
-    checkpoint.save_config(str(root / "run"), Config(model=cfg, tokenizer="tok"))
-    mngr = checkpoint.make_manager(str(root / "run"), async_save=False)
-    checkpoint.save(mngr, 1, params=checkpoint.nest(checkpoint.to_numpy(flat_params(model))))
-    mngr.wait_until_finished()
-    mngr.close()
 
     data = root / "data"
     (data / "img").mkdir(parents=True)
@@ -80,7 +75,19 @@ def env(tmp_path_factory):
         "answer": ["0", "1", "2"], "image": [{"bytes": _png(20 + i), "path": None} for i in range(3)]}),
         data / "ai2d.parquet")
     files["ai2d"] = str(data / "ai2d.parquet")
-    return {"run": str(root / "run"), "model": model, "tok": tok, **files}
+    return {"root": root, "model": model, "tok": tok, **files}
+
+
+@pytest.fixture(scope="module")
+def ckpt(env):
+    """env plus its model saved as a run directory (config.yaml with a relative tokenizer path, Orbax params)."""
+    run = env["root"] / "run"
+    checkpoint.save_config(str(run), Config(model=env["model"].cfg, tokenizer="tok"))
+    mngr = checkpoint.make_manager(str(run), async_save=False)
+    checkpoint.save(mngr, 1, params=checkpoint.nest(checkpoint.to_numpy(flat_params(env["model"]))))
+    mngr.wait_until_finished()
+    mngr.close()
+    return {**env, "run": str(run)}
 
 
 def _run(tmp_path, env, bench, data, *extra):
@@ -90,10 +97,11 @@ def _run(tmp_path, env, bench, data, *extra):
     return out
 
 
+@pytest.mark.slow  # ~15 s of compiling on 8 devices each; the default suite runs evaluate() below
 @pytest.mark.parametrize("bench,kind,extra", [
-    pytest.param("mmbench", "mc", (), marks=pytest.mark.slow), pytest.param("pope", "yesno", (), marks=pytest.mark.slow),
-    ("vqav2", "open", ("--shots", "2")), pytest.param("ai2d", "ai2d", (), marks=pytest.mark.slow)])
-def test_run_writes_every_question_and_score_reproduces_the_metrics(tmp_path, env, capsys, bench, kind, extra):
+    ("mmbench", "mc", ()), ("pope", "yesno", ()), ("vqav2", "open", ("--shots", "2")), ("ai2d", "ai2d", ())])
+def test_run_writes_every_question_and_score_reproduces_the_metrics(tmp_path, ckpt, capsys, bench, kind, extra):
+    env = ckpt
     if extra:
         extra = (*extra, "--train", env["train"])
     out = _run(tmp_path, env, bench, env[kind], *extra)
@@ -115,17 +123,26 @@ def test_run_writes_every_question_and_score_reproduces_the_metrics(tmp_path, en
                  "--predictions", os.path.join(out, "predictions.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
     # the same --out with another evaluation is refused rather than mixed in
-    assert main(["run", "--checkpoint", env["run"], "--benchmark", "okvqa", "--data", env[kind], "--out", out]) == 2
+    assert main(["run", "--checkpoint", env["run"], "--benchmark", "seedbench", "--data", env["mc"], "--out", out]) == 2
     assert f"different evaluation (benchmark: '{bench}'" in capsys.readouterr().err
 
 
-def test_a_killed_run_resumes_without_redoing_or_losing_questions(tmp_path, env, monkeypatch):
+@pytest.fixture(scope="module")
+def gen1(env):
+    """One single-device generator for several evaluate() calls: it compiles once."""
+    return runner.make_generator(env["model"], env["tok"], Mesh(np.array(jax.devices()[:1]), ("data",)))
+
+
+def _twenty(env):
     bench = B.get("vqav2")
     questions, _ = read_questions(env["open"], bench.read_row)
-    questions = [dataclasses.replace(q, id=f"{q.id}-{k}") for k in range(4) for q in questions]  # 20
+    return bench, [dataclasses.replace(q, id=f"{q.id}-{k}") for k in range(4) for q in questions]
+
+
+def test_a_killed_run_resumes_without_redoing_or_losing_questions(tmp_path, env, gen1, monkeypatch):
+    bench, questions = _twenty(env)
     model, tok = env["model"], env["tok"]
-    gen = runner.make_generator(model, tok, Mesh(np.array(jax.devices()[:1]), ("data",)))  # compiled once
-    kw = dict(batch_size=8, progress=False, generator=gen)
+    kw = dict(batch_size=8, progress=False, generator=gen1)
     full = runner.evaluate(model, tok, bench, questions, str(tmp_path / "full"), **kw)
 
     calls, real_write = [], P.Writer.write
@@ -158,8 +175,52 @@ def test_a_killed_run_resumes_without_redoing_or_losing_questions(tmp_path, env,
     assert resumed == full
 
 
+def test_processes_answer_their_share_and_process_0_merges_all(tmp_path, env, gen1):
+    bench, questions = _twenty(env)
+    kw = dict(batch_size=8, progress=False, generator=gen1, process_count=2)
+    out = str(tmp_path / "mh")
+    assert runner.evaluate(env["model"], env["tok"], bench, questions, out, process_index=1, **kw) == {}
+    assert sorted(P.load(os.path.join(out, "predictions.p1.jsonl"))) == sorted(q.id for q in questions[1::2])
+    metrics = runner.evaluate(env["model"], env["tok"], bench, questions, out, process_index=0, **kw)
+    assert sorted(os.listdir(out)) == ["metrics.json", "predictions.jsonl"]
+    assert sorted(P.load(os.path.join(out, "predictions.jsonl"))) == sorted(q.id for q in questions)
+    assert metrics["n"] == 20 and metrics["missing"] == 0
+
+
+def test_demo_benchmark_files_are_valid_questions_with_one_right_option(tmp_path):
+    from oq2vl_jax.eval.demo import write_demo_benchmark
+
+    assert write_demo_benchmark(str(tmp_path), num=12, seed=3) == {"mc": 12, "vqa": 12, "train": 16}
+    mc, _ = read_questions(str(tmp_path / "mc.jsonl"), B.get("demo-mc").read_row)
+    vqa, _ = read_questions(str(tmp_path / "vqa.jsonl"), B.get("demo-vqa").read_row)
+    train, _ = read_questions(str(tmp_path / "vqa_train.jsonl"), B.get("demo-vqa").read_row)
+    for q in mc:
+        B.get("demo-mc").validate(q)
+        assert len(q.options) == 4 == len(set(q.options)) and os.path.exists(q.images[0])
+    assert {q.question for q in vqa} == {"What shape is in the image?", "What colour is the shape?",
+                                         "What colour is the background?"}
+    assert len({q.images[0] for q in vqa + train}) == 28  # the train images are other images
+    # the right option names what was drawn: the VQA question on the same image agrees
+    shape = {q.images[0]: q.answers[0] for q in vqa if "shape?" in q.question}
+    for q in mc:
+        if "shape?" in q.question and q.images[0] in shape:
+            assert q.options["ABCD".index(q.answer)] == shape[q.images[0]]
+
+
+def test_a_cut_off_last_prediction_line_is_dropped_and_repaired(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "output": "x"}\n{"id": "b", "output": "y"}')  # complete, no newline
+    assert sorted(P.load(str(path), repair=True)) == ["a", "b"] and path.read_text().endswith("}\n")
+    path.write_text('{"id": "a", "output": "x"}\n{"id": "b", "outp')
+    assert sorted(P.load(str(path), repair=True)) == ["a"] and path.read_text() == '{"id": "a", "output": "x"}\n'
+    path.write_text('{"id": "a", "outp\n{"id": "b", "output": "y"}\n')
+    with pytest.raises(DataError, match="p.jsonl:1: not a prediction record"):
+        P.load(str(path))
+
+
 @pytest.mark.slow
-def test_a_larger_limit_extends_the_same_run(tmp_path, env):
+def test_a_larger_limit_extends_the_same_run(tmp_path, ckpt):
+    env = ckpt
     out = _run(tmp_path, env, "pope", env["yesno"], "--limit", "2")
     assert len(P.load(os.path.join(out, "predictions.jsonl"))) == 2
     _run(tmp_path, env, "pope", env["yesno"])
@@ -234,6 +295,7 @@ def test_parquet_layouts_become_the_benchmarks_questions_and_prompts(tmp_path):
 
 
 def test_bad_inputs_fail_with_one_named_line(tmp_path, env, capsys):
+    """All refused before any model is loaded (the checkpoint path is never opened)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "question": "q", "image": "x.png", "options": ["a"]}\n')
     assert main(["score", "--benchmark", "mmbench", "--data", str(bad), "--predictions", str(bad)]) == 2
@@ -245,6 +307,12 @@ def test_bad_inputs_fail_with_one_named_line(tmp_path, env, capsys):
     preds.write_text('{"id": "zzz", "output": "A"}\n')
     assert main(["score", "--benchmark", "mmbench", "--data", env["mc"], "--predictions", str(preds)]) == 2
     assert "no predictions for any of the 5 mmbench questions" in capsys.readouterr().err
-    assert main(["run", "--checkpoint", env["run"], "--benchmark", "mmbench", "--data", env["mc"], "--shots", "2",
+    assert main(["run", "--checkpoint", "no/such/run", "--benchmark", "mmbench", "--data", env["mc"], "--shots", "2",
                  "--out", str(tmp_path / "o")]) == 2
     assert "zero-shot in the original" in capsys.readouterr().err
+    assert main(["run", "--checkpoint", "no/such/run", "--benchmark", "vqav2", "--data", env["open"], "--shots", "2",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--shots needs --train" in capsys.readouterr().err
+    assert main(["run", "--checkpoint", "no/such/run", "--benchmark", "vqav2", "--data", env["open"], "--shots", "9",
+                 "--train", env["train"], "--out", str(tmp_path / "o")]) == 2
+    assert "--shots 9 but the train split has only 6 questions" in capsys.readouterr().err
