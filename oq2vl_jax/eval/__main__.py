@@ -65,7 +65,7 @@ def _questions(args):
     return bench, questions
 
 
-def _check_same_run(out: str, settings: dict) -> None:
+def _check_same_run(out: str, settings: dict, write: bool) -> None:
     """A resumed run must be the same evaluation, or its predictions would mix with the new ones."""
     path = os.path.join(out, "run.json")
     if os.path.exists(path):
@@ -76,8 +76,10 @@ def _check_same_run(out: str, settings: dict) -> None:
                 raise UserError(f"{out} holds predictions of a different evaluation ({k}: {old.get(k)!r} there, "
                                 f"{v!r} now); pass another --out")
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    if write:  # one writer among several processes
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _run(args) -> int:
@@ -115,7 +117,8 @@ def _run(args) -> int:
           file=sys.stderr)
     _check_same_run(args.out, {"benchmark": bench.name, "data": os.path.abspath(args.data),
                                "checkpoint": os.path.abspath(args.checkpoint), "step": step, "shots": args.shots,
-                               "seed": args.seed, "limit": args.limit, "dtype": args.dtype})
+                               "seed": args.seed, "limit": args.limit, "dtype": args.dtype},
+                    write=jax.process_index() == 0)
     metrics = evaluate(model, tokenizer, bench, questions, args.out, demos=demos, batch_size=args.batch_size,
                        process_index=jax.process_index(), process_count=jax.process_count())
     if metrics:

@@ -128,7 +128,7 @@ def read_questions(path: str, parquet_reader) -> tuple[list[Question], int]:
     maps a parquet row to a Question, or None to leave it out (e.g. SEED-Bench's video questions)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"benchmark data not found: {path}")
-    if path.endswith(".jsonl") or path.endswith(".json"):
+    if path.endswith(".jsonl"):
         qs = read_jsonl(path)
         filtered = 0
     else:
