@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     config = "configs/tiny.yaml" if args.tiny else args.config
-    cfg = load_config(config, ["train.init_from=null", "tokenizer=null"] + args.set)
+    # Random weights need no tokenizer; the tiny config derives these two from one, so they are set here.
+    tiny = ["model.text.vocab_size=512", "model.image_token_id=386"] if args.tiny else []
+    cfg = load_config(config, ["train.init_from=null", "tokenizer=null"] + tiny + args.set)
     model_cfg = dataclasses.replace(cfg.model, remat="none")
     t0 = time.perf_counter()
     model = build(model_cfg, seed=0)
