@@ -22,7 +22,8 @@ from oq2vl_jax.eval import benchmarks as B
 from oq2vl_jax.eval import predictions as P
 from oq2vl_jax.eval import runner
 from oq2vl_jax.eval.__main__ import main
-from oq2vl_jax.eval.data import DataError, read_questions
+from oq2vl_jax.eval import scoring as S
+from oq2vl_jax.eval.data import DataError, Question, read_questions
 from oq2vl_jax.eval.fewshot import Demo, draw_demos
 from oq2vl_jax.models import build, flat_params
 
@@ -177,6 +178,7 @@ def test_a_killed_run_resumes_without_redoing_or_losing_questions(tmp_path, env,
 
 def test_processes_answer_their_share_and_process_0_merges_all(tmp_path, env, gen1):
     bench, questions = _twenty(env)
+    questions[3] = dataclasses.replace(questions[3], images=[str(tmp_path / "missing.png")])  # unreadable
     kw = dict(batch_size=8, progress=False, generator=gen1, process_count=2)
     out = str(tmp_path / "mh")
     assert runner.evaluate(env["model"], env["tok"], bench, questions, out, process_index=1, **kw) == {}
@@ -184,7 +186,17 @@ def test_processes_answer_their_share_and_process_0_merges_all(tmp_path, env, ge
     metrics = runner.evaluate(env["model"], env["tok"], bench, questions, out, process_index=0, **kw)
     assert sorted(os.listdir(out)) == ["metrics.json", "predictions.jsonl"]
     assert sorted(P.load(os.path.join(out, "predictions.jsonl"))) == sorted(q.id for q in questions)
-    assert metrics["n"] == 20 and metrics["missing"] == 0
+    assert metrics["n"] == 20 and metrics["missing"] == 0 and metrics["errors"] == 1
+    bad = P.load(os.path.join(out, "predictions.jsonl"))[questions[3].id]
+    assert "missing.png" in bad["error"] and bad["score"] == {"accuracy": 0.0}
+
+
+def test_a_question_that_could_not_be_read_scores_zero_whatever_the_rule():
+    mc = Question("1", "q", [], ["x", "y"], "A")
+    picks = {S.parse_multi_choice("", {"A": "x", "B": "y"}, seed=str(i)) for i in range(20)}
+    assert picks == {"A", "B"}  # an empty output would be scored right about half the time...
+    for name in ("mmmu", "mmbench", "ai2d"):  # ...so an unreadable question is zeroed instead
+        assert set(runner.score_record(B.get(name), mc, {"id": "1", "output": "", "error": "x"}).values()) == {0.0}
 
 
 def test_demo_benchmark_files_are_valid_questions_with_one_right_option(tmp_path):

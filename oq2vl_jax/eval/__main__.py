@@ -91,6 +91,8 @@ def _run(args) -> int:
     from oq2vl_jax.eval.runner import evaluate, table
     from oq2vl_jax.generate import load_checkpoint
 
+    if args.shots < 0 or args.batch_size < 1:
+        raise UserError("--shots must be >= 0 and --batch-size >= 1")
     bench, questions = _questions(args)
     demos = []
     if args.shots:
@@ -103,8 +105,6 @@ def _run(args) -> int:
             demos = fewshot.draw_demos(train, args.shots, args.seed, bench.demo_drop)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if args.shots < 0 or args.batch_size < 1:
-        raise UserError("--shots must be >= 0 and --batch-size >= 1")
 
     t0 = time.perf_counter()
     model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)

@@ -68,10 +68,12 @@ class PromptMaker:
 
 
 def score_record(bench: Benchmark, q: Question, rec: dict) -> dict:
-    """Per-question values; a question whose inputs could not be read scores 0."""
-    if "error" in rec and bench.likelihood:
-        return {"accuracy": 0.0}
-    return bench.score(q, rec)
+    """Per-question values; a question whose inputs could not be read scores 0 in every value (an empty
+    output could otherwise be scored right, e.g. by MMMU's random fallback letter)."""
+    if "error" not in rec:
+        return bench.score(q, rec)
+    blank = bench.score(q, {"output": "", "probs": [0.0] * max(1, len(bench.letters))})
+    return {k: 0.0 if isinstance(v, float) else v for k, v in blank.items()}
 
 
 def compute_metrics(bench: Benchmark, questions: Sequence[Question], records: dict[str, dict]) -> dict:
