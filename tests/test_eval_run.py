@@ -302,6 +302,14 @@ def test_parquet_layouts_become_the_benchmarks_questions_and_prompts(tmp_path):
                                              "answer": ["Yes"], "image": [img], "category": ["adversarial"]})
     (q,), _ = read_questions(f, B.get("pope").read_row)
     assert (q.answer, q.meta["category"]) == ("yes", "adversarial")
+    gqa = tmp_path / "gqa"
+    gqa.mkdir()
+    _parquet(gqa / "testdev_balanced_images.parquet",
+             {"id": ["n1", "n2"], "image": [img, {"bytes": _png(9), "path": None}]})
+    _parquet(gqa / "testdev_balanced_instructions.parquet", {
+        "id": ["q1", "q2"], "imageId": ["n2", "n1"], "question": ["Color?", "Side?"], "answer": ["red", "left"]})
+    qs, _ = read_questions(str(gqa), B.get("gqa").read_row)
+    assert [(q.id, q.answer, q.images[0]["bytes"]) for q in qs] == [("q1", "red", _png(9)), ("q2", "left", _png(1))]
     with pytest.raises(DataError, match="row 0: not in the expected layout"):
         read_questions(f, B.get("mmbench").read_row)
 

@@ -123,6 +123,21 @@ def read_jsonl(path: str) -> list[Question]:
     return out
 
 
+def _join_images(rows: list[dict]) -> list[dict]:
+    """Releases that keep images in their own table (lmms-lab GQA: question rows with `imageId`, image
+    rows with `id` and `image`) read as one when both tables are given (a folder holding both): each
+    question row gets its image."""
+    if not any("imageId" in r and "image" not in r for r in rows):
+        return rows
+    images = {r["id"]: r["image"] for r in rows if "question" not in r and "image" in r}
+    out = []
+    for r in (r for r in rows if "question" in r):
+        if r["imageId"] not in images:
+            raise DataError(f"question {r.get('id')!r}: image {r['imageId']!r} is in no image table given")
+        out.append({**r, "image": images[r["imageId"]]})
+    return out
+
+
 def read_questions(path: str, parquet_reader) -> tuple[list[Question], int]:
     """(questions, rows filtered out) from a jsonl file or parquet file/folder; `parquet_reader(row, i)`
     maps a parquet row to a Question, or None to leave it out (e.g. SEED-Bench's video questions)."""
@@ -133,7 +148,7 @@ def read_questions(path: str, parquet_reader) -> tuple[list[Question], int]:
         filtered = 0
     else:
         qs, filtered = [], 0
-        for i, row in enumerate(read_parquet(path)):
+        for i, row in enumerate(_join_images(read_parquet(path))):
             try:
                 q = parquet_reader(row, i)
             except (KeyError, TypeError, ValueError) as e:
