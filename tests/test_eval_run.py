@@ -165,8 +165,8 @@ def test_a_killed_run_resumes_without_redoing_or_losing_questions(tmp_path, env,
     assert len(P.load(path)) == 8
 
     generated = []
-    real_call = runner.PromptMaker.__call__
-    monkeypatch.setattr(runner.PromptMaker, "__call__", lambda self, q: generated.append(q.id) or real_call(self, q))
+    real_images = runner.PromptMaker.images
+    monkeypatch.setattr(runner.PromptMaker, "images", lambda self, q: generated.append(q.id) or real_images(self, q))
     resumed = runner.evaluate(model, tok, bench, questions, out, **kw)
     assert sorted(generated) == sorted(q.id for q in questions[8:])  # only what was not written
     lines = open(path).read().splitlines()

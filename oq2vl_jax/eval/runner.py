@@ -11,8 +11,10 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL.Image import DecompressionBombError
 
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.eval import predictions as P
@@ -55,16 +57,17 @@ class PromptMaker:
         self.size = model_cfg.vision.image_size
         self._demo_images = {id(d): load_image(open_image(d.image), self.size) for d in self.demos}
 
-    def text(self, q: Question) -> tuple[str, list]:
-        return self.bench.build(q, self.demos)
-
-    def __call__(self, q: Question) -> tuple[str, Prompt]:
-        text, images = self.text(q)
+    def images(self, q: Question) -> tuple[str, np.ndarray | None]:
+        """(prompt text, its images as [n, S, S, 3]); thread-safe (no tokenizer), so batches can be
+        prepared on worker threads while the device runs the previous one."""
+        text, images = self.bench.build(q, self.demos)
         # build() puts the demonstrations' images first (few-shot benchmarks only); they are loaded once.
         arrays = [self._demo_images[id(d)] for d in self.demos]
         arrays += [load_image(open_image(im), self.size) for im in images[len(self.demos):]]
-        ids = encode(self.tok, text, self.cfg.image_tokens, self.cfg.image_token_id, self.bos)
-        return text, Prompt(ids, np.stack(arrays) if arrays else None)
+        return text, np.stack(arrays) if arrays else None
+
+    def prompt(self, text: str, images: np.ndarray | None) -> Prompt:
+        return Prompt(encode(self.tok, text, self.cfg.image_tokens, self.cfg.image_token_id, self.bos), images)
 
 
 def score_record(bench: Benchmark, q: Question, rec: dict) -> dict:
@@ -124,21 +127,25 @@ def evaluate(model, tokenizer, bench: Benchmark, questions: Sequence[Question], 
     batch = -(-batch_size // gen.n_devices) * gen.n_devices  # rows split evenly over the devices
     options = letter_ids(tokenizer, bench.letters) if bench.likelihood else []
     maker = PromptMaker(bench, tokenizer, model.cfg, demos)
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     writer = P.Writer(path)
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+    submit = lambda chunk: [pool.submit(maker.images, q) for q in chunk]  # noqa: E731
     try:
-        for start in tqdm(range(0, len(todo), batch), desc=bench.name, unit="batch", disable=not progress):
-            chunk = todo[start:start + batch]
+        pending = submit(chunks[0]) if chunks else []
+        for n, chunk in enumerate(tqdm(chunks, desc=bench.name, unit="batch", disable=not progress)):
+            loaded, pending = pending, submit(chunks[n + 1]) if n + 1 < len(chunks) else []
             records, ok, prompts = [], [], []
-            for q in chunk:
+            for q, fut in zip(chunk, loaded):
                 try:
-                    text, prompt = maker(q)
-                except (OSError, ValueError, SyntaxError) as e:  # unreadable image: counted, scores 0
+                    text, images = fut.result()
+                except (OSError, ValueError, SyntaxError, DecompressionBombError) as e:  # unreadable: scores 0
                     log.warning("%s: question %s skipped: %s", bench.name, q.id, e)
                     records.append({"id": q.id, "output": "", "error": str(e)})
                     continue
                 records.append({"id": q.id, "prompt": text})
                 ok.append(records[-1])
-                prompts.append(prompt)
+                prompts.append(maker.prompt(text, images))
             if prompts:
                 if bench.likelihood:
                     for r, p in zip(ok, gen.option_probs(prompts, options, batch)):
@@ -153,6 +160,7 @@ def evaluate(model, tokenizer, bench: Benchmark, questions: Sequence[Question], 
                 r["score"] = score_record(bench, by_id[r["id"]], r)
             writer.write(records)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     log.info("%s: %s", bench.name, gen.stats.summary())
 
