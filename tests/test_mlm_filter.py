@@ -1,0 +1,105 @@
+"""MLM-Filter scoring: the original's prompts and parsing, and greedy scores equal to transformers.
+
+The prompt checksums were computed from the MLM-Filter authors' batch-inference script for Qwen2.5
+models (their instruction template, the four criteria texts and the qwen_instruct conversation
+rendered for the captions below), so any change of a character in our copy fails here.
+"""
+
+import hashlib
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_mlm_filter as tiny
+from oq2vl_jax.data import mlm_filter
+from oq2vl_jax.data.mlm_filter import parse_score
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "convert"))
+import hf_to_jax  # noqa: E402
+
+ORIGINAL_PROMPT_SHA256 = {
+    ("itm", "a dog on a red sofa"): "88b9af2c6559924e7dc767caa384aa31e540556072f250a0ae6c8415ca185dc5",
+    ("itm", "Ünïcode {braces} 100%\nsecond line"): "3535972eafe3eb303b219129fe168d55f23cbfd45cd241272afe2e7fe047a3ae",
+    ("odf", "a dog on a red sofa"): "7f9fc027f3269bea69741656ec31e23f5d06c9659de52143cf39f818612a3a67",
+    ("odf", "Ünïcode {braces} 100%\nsecond line"): "25e007f6b7f976d13535334016d38b41059e90e63a9da15568ff251dce63273f",
+    ("ctq", "a dog on a red sofa"): "d27ddcb462a670491bf21a690d709da15d4b15c259b714ff6965f36ad43fdae9",
+    ("ctq", "Ünïcode {braces} 100%\nsecond line"): "974918fd212d1d36285d5324e61b98b30687a0a282571bf8a9280931df2b99db",
+    ("su", "a dog on a red sofa"): "f448d36ab3de8d51ef54918bec2255f80009141d25243390cdd4f3a9da709f81",
+    ("su", "Ünïcode {braces} 100%\nsecond line"): "26240d28c6a8b6ecb076c4e46bc381c64c7a98f6dd474062d4826a25149a1ff0",
+}
+
+
+@pytest.mark.parametrize("metric,caption", sorted(ORIGINAL_PROMPT_SHA256))
+def test_prompt_text_is_exactly_the_originals(metric, caption):
+    text = mlm_filter.render_prompt(caption, metric)
+    assert hashlib.sha256(text.encode()).hexdigest() == ORIGINAL_PROMPT_SHA256[metric, caption]
+
+
+@pytest.mark.parametrize("text,score", [
+    ("85", 85), ("7", 7), (" 42 ", 42),          # int() accepts surrounding whitespace
+    ("85\nThe caption is good", 85),             # only the first line counts
+    ("85,", 85), (",85;", 85), ("85;", 85), ("85;,", 85),  # "," stripped first, then ";"
+    ("85,;", None),                              # ... so a "," left inside ";" stays and fails
+    ("8.5", None), ("eighty", None), ("", None), ("\n85", None), ("85%", None),
+    ("-3", -3), ("1_0", 10),                     # whatever Python's int() takes, as theirs
+])
+def test_score_parsing_follows_the_original_rules(text, score):
+    assert parse_score(text) == score
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mlm"))
+    tok = tiny.build_tokenizer(os.path.join(root, "tok"))
+    vdir, ldir, modules = tiny.build_release(root, tok)
+    ck = os.path.join(root, "ck")
+    assert hf_to_jax.main(["--vision", vdir, "--llava", ldir, "--out", ck]) == 0
+    return ck, ldir, modules
+
+
+def _png(a: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(a).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release):
+    """Our batched, device-split scoring of a released-layout MLM-Filter equals transformers' Llava
+    generating each sample alone from the same torch weights, token for token."""
+    from transformers import AutoTokenizer, SiglipImageProcessor
+
+    ck, ldir, modules = release
+    scorer = mlm_filter.MLMFilterScorer(ck, "su", batch_size=8, dtype="float32")
+    assert scorer.cfg.image_tokens == 25 and scorer.cfg.vision.feature_layer == -2
+    tok = AutoTokenizer.from_pretrained(ldir)  # the released tokenizer, as theirs loads it
+    hf = tiny.hf_llava(modules, scorer.cfg.image_token_id)
+    processor = SiglipImageProcessor(size={"height": tiny.IMAGE_SIZE, "width": tiny.IMAGE_SIZE},
+                                     resample=Image.BICUBIC, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    captions = ["a red bus", "photo of a cat on 12 street with more words in it", "x", "0123 numbers",
+                "the the the", "a long caption " * 6, "b", "café au lait"]
+    images = tiny.random_images(len(captions))
+    prompts = [scorer.prompt(mlm_filter.decode_image(_png(im), tiny.IMAGE_SIZE), c) for im, c in zip(images, captions)]
+    assert len({len(p.ids) for p in prompts}) > 3  # rows of the batch are really left-padded
+    ours = scorer.score_prompts(prompts)
+
+    stops = sorted({tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    expected = []
+    for image, caption, prompt in zip(images, captions, prompts):
+        # Their input: text pieces tokenized apart around the image, then the " " id appended.
+        head, tail = mlm_filter.render_prompt(caption, "su").split("<image>")
+        ids = tok(head).input_ids + [scorer.cfg.image_token_id] * 25 + tok(tail).input_ids + tok(" ").input_ids[-1:]
+        assert ids == list(prompt.ids)
+        pixels = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+        np.testing.assert_allclose(pixels.numpy().transpose(0, 2, 3, 1), prompt.images, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=2, do_sample=False,
+                              eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        expected.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    assert [s.text for s in ours] == expected
+    assert [s.score for s in ours] == [parse_score(t) for t in expected]
+    assert len({s.score for s in ours}) > 1 and any(s.score is not None for s in ours)
