@@ -8,6 +8,8 @@
         --llm hf/Qwen2.5-1.5B-Instruct --oq-checkpoint hf/Open-Qwen2VL/checkpoints/latest-checkpoint.pt \\
         --image-tokens 729 --out checkpoints/open-qwen2vl
 
+    python tools/convert/hf_to_jax.py --siglip hf/siglip-so400m-patch14-384 --out checkpoints/siglip-pair
+
 (All paths are local directories/files; nothing is downloaded.)
 
 Writes DIR/config.yaml (a full run Config whose model section comes from the HF configs, and
@@ -25,6 +27,8 @@ mlm-filter-qwen2.5-1.5b-gpt4o (config with mm_* fields, model.* + lm_head + mode
 tensors, tokenizer). --vision is then its mm_vision_tower (HF siglip-so400m-patch14-384); all patches
 become image tokens (729, no pooling), features from mm_vision_select_layer, projector GELU exact. The
 tokenizer is kept as released (not prepared as Open-Qwen2VL's), for oq2vl_jax.data.curate --mlm-filter.
+--siglip (alone): a HF SiglipModel with both towers -> the image/text pair that
+oq2vl_jax.data.curate --siglip-score reads (siglip.json, model.safetensors, tokenizer/).
 --oq-checkpoint: a prismatic `latest-checkpoint.pt` ({"model": {"projector", "llm_backbone"[,
 "vision_backbone"]}}); its projector and LLM (and vision tower, if saved) replace the HF weights,
 and the image token count comes from the run's config.json (RUN/config.json for
@@ -289,6 +293,52 @@ def load_llava_tokenizer(src: str):
     return tok, int(image)
 
 
+# -- SigLIP image + text towers (for the curator's SigLIP score) -------------------------------------
+
+
+def convert_siglip(src: str, out: str, dtype: str | None = None) -> str:
+    """A HF SiglipModel directory (both towers) -> OUT/siglip.json, OUT/model.safetensors (our
+    parameter names, the dtypes kept unless `dtype`), OUT/tokenizer. Read by data/siglip_score.py."""
+    from flax import nnx
+    from transformers import AutoConfig, AutoTokenizer
+
+    from oq2vl_jax.data.siglip_score import CONFIG, TOKENIZER, WEIGHTS
+    from oq2vl_jax.hf_io import write_safetensors_file
+    from oq2vl_jax.models.siglip_text import SiglipPair, SiglipPairConfig, SiglipTextConfig, hf_to_pair
+
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ConversionError(f"--siglip {src!r}: not a HF model directory (no config.json)")
+    if os.path.exists(os.path.join(out, WEIGHTS)):
+        raise ConversionError(f"--out {out!r} already holds {WEIGHTS}; use a new directory")
+    hf = AutoConfig.from_pretrained(src)
+    if hf.model_type != "siglip":
+        raise ConversionError(f"{src}: model_type {hf.model_type!r} is not siglip (a SiglipModel with both towers)")
+    v, t = hf.vision_config, hf.text_config
+    for name, act in (("vision", v.hidden_act), ("text", t.hidden_act)):
+        if act not in VISION_ACTS:
+            raise ConversionError(f"{src}: {name} hidden_act {act!r} is not one of {VISION_ACTS}")
+    vision = dataclasses.replace(_hf_vision_config(src), feature_layer=-1, feature_post_layernorm=True)
+    text = SiglipTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                            max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+                            hidden_act=t.hidden_act,
+                            projection_size=getattr(t, "projection_size", None) or t.hidden_size)
+    cfg = SiglipPairConfig(vision=vision, text=text)
+    abstract = flat_params(nnx.eval_shape(lambda: SiglipPair(cfg, rngs=nnx.Rngs(0))))
+    flat = hf_to_pair(read_model_dir(src), abstract)
+    tensors = {}
+    for path, value in flat.items():
+        value = np.asarray(value)
+        tensors[".".join(map(str, path))] = value.astype(dtype_of(dtype)) if dtype else value
+    tok = AutoTokenizer.from_pretrained(src)
+    os.makedirs(out, exist_ok=True)
+    tok.save_pretrained(os.path.join(out, TOKENIZER))
+    write_safetensors_file(os.path.join(out, WEIGHTS), tensors)
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    return out
+
+
 # -- conversion ------------------------------------------------------------------------------------
 
 
@@ -326,7 +376,9 @@ def load_prepared_tokenizer(path: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vision", required=True, help="HF SigLIP dir, timm dir or timm weights file")
+    p.add_argument("--vision", help="HF SigLIP dir, timm dir or timm weights file")
+    p.add_argument("--siglip", help="alone: convert a HF SiglipModel (image + text towers) for "
+                   "oq2vl_jax.data.curate --siglip-score")
     p.add_argument("--llm", help="HF Qwen2 dir (config, tokenizer, weights); or use --llava")
     p.add_argument("--llava", help="a LLaVA(-Unified) Qwen2 checkpoint dir (e.g. mlm-filter-qwen2.5-1.5b-gpt4o): "
                    "LLM, projector and tokenizer; its SigLIP tower comes from --vision; image tokens = the "
@@ -346,6 +398,12 @@ def parse_args(argv=None):
     p.add_argument("--projector-act", choices=VISION_ACTS, default="gelu", help="projector GELU (original: gelu)")
     p.add_argument("--projector-seed", type=int, help="seed of a fresh projector (default: vision hidden size)")
     args = p.parse_args(argv)
+    if args.siglip:
+        if args.vision or args.llm or args.llava or args.oq_checkpoint:
+            p.error("--siglip converts a SigLIP alone (with --out, optionally --dtype)")
+        return args
+    if args.vision is None:
+        p.error("--vision is required")
     if (args.llm is None) == (args.llava is None):
         p.error("give exactly one of --llm and --llava")
     if args.llava and args.oq_checkpoint:
@@ -356,6 +414,8 @@ def parse_args(argv=None):
 def convert(args) -> str:
     """Runs the conversion described by parsed `args`; returns the output directory."""
     out = os.path.abspath(args.out)
+    if getattr(args, "siglip", None):
+        return convert_siglip(args.siglip, out, args.dtype)
     if os.path.isdir(checkpoint.checkpoint_dir(out)) and os.listdir(checkpoint.checkpoint_dir(out)):
         raise ConversionError(f"--out {out!r} already holds a checkpoint; use a new directory")
     for flag, path in (("--vision", args.vision), ("--llm", args.llm), ("--llava", args.llava),
