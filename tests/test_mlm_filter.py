@@ -11,6 +11,7 @@ import os
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -103,3 +104,39 @@ def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release):
     assert [s.text for s in ours] == expected
     assert [s.score for s in ours] == [parse_score(t) for t in expected]
     assert len({s.score for s in ours}) > 1 and any(s.score is not None for s in ours)
+
+
+@pytest.mark.slow
+def test_curate_with_mlm_filter_keeps_scores_at_or_above_min_whatever_the_batch(release, tmp_path):
+    """The CLI end to end: scores in the table equal the scorer's, independent of the batch size
+    (padding is masked, unlike the original's batches); kept = score >= --min; unparseable dropped."""
+    from test_curate import _sample, _stats, _write_tar
+
+    from oq2vl_jax.data import curate
+
+    ck, _, _ = release
+    d = tmp_path / "in"
+    d.mkdir()
+    images = tiny.random_images(10, seed=3)
+    samples = [_sample(i, image=_png(im), caption=f"a photo number {i} " * (1 + i % 4)) for i, im in enumerate(images)]
+    _write_tar(str(d / "00000.tar"), samples[:6])
+    _write_tar(str(d / "00001.tar"), samples[6:])
+    tables = []
+    for batch in ("8", "16"):
+        out = str(tmp_path / f"out{batch}")
+        assert curate.main(["--input", str(d / "*.tar"), "--out", out, "--mlm-filter", ck, "--metric", "su",
+                            "--dtype", "float32", "--batch-size", batch]) == 0
+        tables.append(pq.read_table(os.path.join(out, "scores.parquet")).to_pydict())
+    assert tables[0]["mlm_su_text"] == tables[1]["mlm_su_text"]
+    scores = tables[0]["mlm_su"]
+    assert len(set(scores)) > 1
+    scorer = mlm_filter.MLMFilterScorer(ck, "su", batch_size=8, dtype="float32")
+    direct = scorer.score_pairs([Image.fromarray(im) for im in images], [c for _, f in samples for c in [f["txt"].decode()]])
+    assert [s.score for s in direct] == scores
+    threshold = sorted(s for s in scores if s is not None)[len(scores) // 2]
+    out = str(tmp_path / "kept")
+    assert curate.main(["--input", str(d / "*.tar"), "--out", out, "--scores",
+                        os.path.join(str(tmp_path / "out8"), "scores.parquet"), "--min", str(threshold)]) == 0
+    stats = _stats(out)
+    assert stats["kept"] == sum(s is not None and s >= threshold for s in scores)
+    assert stats["dropped"].get("mlm_unparseable", 0) == sum(s is None for s in scores)
