@@ -31,7 +31,6 @@ readable part is curated; a re-run retries them). Pack the result with
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
@@ -45,11 +44,14 @@ import numpy as np
 
 from oq2vl_jax import cli
 from oq2vl_jax.data import readers
-from oq2vl_jax.data.curate_select import Selection, decide, load_uid_list
+from oq2vl_jax.data.curate_select import REASONS, U128, Columns, Selection, decide, load_uid_list, uid_pair
 from oq2vl_jax.data.pack import _input_signature, make_units
 from oq2vl_jax.data.samples import SampleError
 
 log = logging.getLogger("oq2vl_jax.curate")
+# Per-sample columns of the scores tables (then the score columns, then `decision` in scores.parquet).
+# uid_hi/uid_lo: the uid as 128-bit halves (null without a valid uid); pixel_hash: 16 bytes.
+TABLE_COLUMNS = ["shard", "index", "key", "uid", "uid_hi", "uid_lo", "status", "pixel_hash"]
 SCORES_VERSION = 1  # bumped when the per-shard table changes: scored shards are redone
 TAR_MTIME = 0.0
 
@@ -115,7 +117,7 @@ def _uid(files: dict[str, bytes]) -> str | None:
 
 
 def _decode(data: bytes):
-    """(RGB PIL image, 128-bit hex hash of its size and pixels); raises SampleError if corrupt."""
+    """(RGB PIL image, 128-bit hash of its size and pixels); raises SampleError if corrupt."""
     from PIL import Image
 
     try:
@@ -126,7 +128,7 @@ def _decode(data: bytes):
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
     h = hashlib.blake2b(f"{rgb.width}x{rgb.height}:".encode(), digest_size=16)
     h.update(rgb.tobytes())
-    return rgb, h.hexdigest()
+    return rgb, h.digest()
 
 
 class Scorers:
@@ -174,51 +176,58 @@ class Scorers:
 
 
 class ScoresLookup:
-    """Score columns of an earlier scores table, by (shard file name, index in the shard, key)."""
+    """Score columns of an earlier scores table, per shard file name, by (index in the shard, key)."""
 
     def __init__(self, path: str, wanted: list[str]):
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
         except (OSError, ValueError) as e:
             raise cli.UserError(f"--scores {path}: not a readable parquet table ({e})") from None
-        missing = [c for c in ("shard", "index", "key") if c not in table.column_names]
+        missing = [c for c in ("shard", "index", "key") if c not in names]
         if missing:
             raise cli.UserError(f"--scores {path} has no column(s) {missing}: not a curate scores table")
-        self.columns = [c for c in wanted if c in table.column_names]
-        d = table.select(["shard", "index", "key"] + self.columns).to_pydict()
-        self.rows: dict[tuple, dict] = {}
-        for i in range(table.num_rows):
-            self.rows[(os.path.basename(d["shard"][i]), d["index"][i], d["key"][i])] = {c: d[c][i] for c in self.columns}
+        self.columns = [c for c in wanted if c in names]
+        self.table = pq.read_table(path, columns=["shard", "index", "key"] + self.columns)
+        enc = pc.dictionary_encode(self.table["shard"]).combine_chunks()
+        ids = enc.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(len(enc.dictionary) + 1))
+        self.rows: dict[str, list[np.ndarray]] = {}  # shard file name -> row numbers in the table
+        for i, shard in enumerate(enc.dictionary.to_pylist()):
+            self.rows.setdefault(os.path.basename(shard), []).append(order[bounds[i]:bounds[i + 1]])
+        self._unit: tuple[str, dict] | None = None
 
     def get(self, shard: str, index: int, key: str) -> dict:
-        return self.rows.get((os.path.basename(shard), index, key), {c: None for c in self.columns})
+        name = os.path.basename(shard)
+        if self._unit is None or self._unit[0] != name:  # one shard's rows at a time
+            rows = np.concatenate(self.rows.get(name, [np.zeros(0, np.int64)]))
+            d = self.table.take(rows).to_pydict()
+            self._unit = (name, {(i, k): {c: d[c][r] for c in self.columns}
+                                 for r, (i, k) in enumerate(zip(d["index"], d["key"]))})
+        return self._unit[1].get((index, key), {c: None for c in self.columns})
+
+
+def _arrow_type(name: str):
+    import pyarrow as pa
+
+    types = {"index": pa.int64(), "siglip": pa.float64(), "uid_hi": pa.uint64(), "uid_lo": pa.uint64(),
+             "pixel_hash": pa.binary(16)}
+    if name in types:
+        return types[name]
+    return pa.int64() if name.startswith("mlm_") and not name.endswith("_text") else pa.string()
 
 
 def _write_parquet(path: str, columns: dict[str, list]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {"index": pa.int64(), "siglip": pa.float64()}
-    arrays = {}
-    for name, values in columns.items():
-        if name in types:
-            t = types[name]
-        elif name.startswith("mlm_") and not name.endswith("_text"):
-            t = pa.int64()
-        else:
-            t = pa.string()
-        arrays[name] = pa.array(values, type=t)
+    arrays = {name: pa.array(values, type=_arrow_type(name)) for name, values in columns.items()}
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(pa.table(arrays), tmp)
     os.replace(tmp, path)
-
-
-def _read_parquet(path: str) -> dict[str, list]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pydict()
 
 
 def _marker_ok(marker: str, expect: dict, data_path: str) -> bool:
@@ -251,7 +260,7 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
 
     raw, error = readers.read_tar(path)
     score_cols = scorers.columns()
-    cols = {c: [] for c in ["shard", "index", "key", "uid", "status", "pixel_hash"] + score_cols}
+    cols = {c: [] for c in TABLE_COLUMNS + score_cols}
     pending = []  # (row, image, caption) of readable samples not scored yet
 
     def flush():
@@ -271,8 +280,10 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
             image, pixel_hash = _decode(image_bytes)
         except SampleError as e:
             status = e.reason
-        for c, v in (("shard", path), ("index", index), ("key", key), ("uid", _uid(files)), ("status", status),
-                     ("pixel_hash", pixel_hash)):
+        uid = _uid(files)
+        pair = uid_pair(uid)
+        for c, v in (("shard", path), ("index", index), ("key", key), ("uid", uid), ("uid_hi", pair and pair[0]),
+                     ("uid_lo", pair and pair[1]), ("status", status), ("pixel_hash", pixel_hash)):
             cols[c].append(v)
         for c in score_cols:
             cols[c].append(None)
@@ -299,8 +310,9 @@ def write_shard(cfg: CurateConfig, j: int, rows: list[tuple[str, int, str]], cac
     digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     if _marker_ok(marker, {"samples_sha256": digest, "count": len(rows)}, tar_path):
         return False
-    if os.path.exists(marker):
-        os.remove(marker)
+    for stale in (marker, os.path.join(cfg.out, "stats.json")):  # DIR changes: its summary goes until rewritten
+        if os.path.exists(stale):
+            os.remove(stale)
     import webdataset as wds
 
     tmp = f"{tar_path}.tmp-{os.getpid()}"
@@ -347,27 +359,65 @@ def _selection(cfg: CurateConfig) -> Selection:
         raise cli.UserError("--min thresholds MLM-Filter scores: pass --mlm-filter CHECKPOINT or --scores FILE")
     if cfg.siglip_min is not None and not (cfg.siglip or cfg.scores):
         raise cli.UserError("--siglip-min thresholds SigLIP scores: pass --siglip-score DIR or --scores FILE")
-    return Selection(keep_uids=union(cfg.keep_uids), drop_uids=union(cfg.drop_uids), mlm_column=cfg.mlm_column,
-                     mlm_min=cfg.mlm_min, siglip_min=cfg.siglip_min, dedup=cfg.dedup)
+    return Selection(keep_uids=union(cfg.keep_uids), drop_uids=union(cfg.drop_uids), mlm_min=cfg.mlm_min,
+                     siglip_min=cfg.siglip_min, dedup=cfg.dedup)
 
 
-def _score_summary(table: dict, columns: list[str]) -> dict:
+def _u128(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    out = np.empty(len(hi), U128)
+    out["f0"], out["f1"] = hi, lo
+    return out
+
+
+def _numpy(column, fill, dtype) -> np.ndarray:
+    import pyarrow as pa
+
+    return column.cast(dtype).fill_null(pa.scalar(fill, dtype)).to_numpy()
+
+
+def _columns(table, cfg: CurateConfig, columns: list[str]) -> Columns:
+    """The decision's inputs from the concatenated per-shard tables, without Python objects per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    pixels = table["pixel_hash"].fill_null(pa.scalar(b"\0" * 16, pa.binary(16))).combine_chunks()
+    raw = np.frombuffer(pixels.buffers()[1], np.uint8)[pixels.offset * 16:(pixels.offset + n) * 16] if n else \
+        np.zeros(0, np.uint8)
+    halves = raw.view(">u8").reshape(n, 2).astype(np.uint64)
+    cols = Columns(readable=pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False),
+                   uid=_u128(_numpy(table["uid_hi"], 0, pa.uint64()), _numpy(table["uid_lo"], 0, pa.uint64())),
+                   has_uid=pc.is_valid(table["uid_hi"]).to_numpy(zero_copy_only=False),
+                   pixels=_u128(halves[:, 0], halves[:, 1]))
+    if cfg.mlm_column in columns:
+        cols.mlm = _numpy(table[cfg.mlm_column], np.nan, pa.float64())
+        text = cfg.mlm_column + "_text"
+        cols.mlm_generated = (pc.is_valid(table[text]).to_numpy(zero_copy_only=False) if text in columns
+                              else np.isfinite(cols.mlm))
+    if "siglip" in columns:
+        cols.siglip = _numpy(table["siglip"], np.nan, pa.float64())
+    return cols
+
+
+def _score_summary(cols: Columns, mlm_column: str) -> dict:
     out = {}
-    for c in columns:
-        if c.endswith("_text"):
+    for name, values in ((mlm_column, cols.mlm), ("siglip", cols.siglip)):
+        if values is None:
             continue
-        ok = [s for s, st in zip(table[c], table["status"]) if st == "ok"]
-        values = np.array([v for v in ok if v is not None], float)
-        out[c] = {"scored": int(len(values)), "missing": len(ok) - int(len(values)),
-                  "mean": float(values.mean()) if len(values) else None}
-        if c.startswith("mlm_") and c + "_text" in table:
-            texts = [t for t, st in zip(table[c + "_text"], table["status"]) if st == "ok"]
-            out[c]["unparseable"] = sum(t is not None and v is None for t, v in zip(texts, ok))
+        v = values[cols.readable]
+        scored = v[~np.isnan(v)]
+        out[name] = {"scored": int(len(scored)), "missing": int(len(v) - len(scored)),
+                     "mean": float(scored.mean()) if len(scored) else None}
+        if name == mlm_column:
+            out[name]["unparseable"] = int(np.sum(cols.mlm_generated[cols.readable] & np.isnan(v)))
     return out
 
 
 def run(cfg: CurateConfig, inputs: list[str]) -> dict:
     """Curates `inputs` (resolved shard paths) into cfg.out; returns (and writes) DIR/stats.json."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
     from tqdm import tqdm
 
     selection = _selection(cfg)  # uid lists are read (and checked) before any scoring
@@ -387,8 +437,8 @@ def run(cfg: CurateConfig, inputs: list[str]) -> dict:
             bar.set_postfix(samples=scored, reused=reused)
     _barrier("oq2vl-curate-scored")
 
-    table: dict[str, list] = {}
-    bad_shards = {}
+    # Pass 2: every process decides on all tables (cheap next to scoring) and gets the same answer.
+    parts, bad_shards = [], {}
     for unit in units:
         try:
             with open(os.path.join(cfg.out, "scores", unit.name + ".json")) as f:
@@ -400,48 +450,60 @@ def run(cfg: CurateConfig, inputs: list[str]) -> dict:
                                 "(with several processes, did one of them fail?)")
         if marker.get("shard_error"):
             bad_shards[unit.inputs[0]] = marker["shard_error"]
-        part = _read_parquet(os.path.join(cfg.out, "scores", unit.name + ".parquet"))
-        for c, values in part.items():
-            table.setdefault(c, []).extend(values)
-    table = table or {c: [] for c in ["shard", "index", "key", "uid", "status", "pixel_hash"] + scorers.columns()}
-    decisions, tallies = decide(table, selection)
+        parts.append(pq.read_table(os.path.join(cfg.out, "scores", unit.name + ".parquet")))
+    columns = scorers.columns()
+    table = pa.concat_tables(parts) if parts else _empty_table(columns)
+    cols = _columns(table, cfg, columns)
+    codes, tallies = decide(cols, selection)
     if pid == 0:
-        _write_parquet(os.path.join(cfg.out, "scores.parquet"), {**table, "decision": decisions})
+        names = pa.array(list(REASONS) + ["unreadable"])
+        decision = pa.DictionaryArray.from_arrays(pa.array(np.where(codes < 0, len(REASONS), codes).astype(np.int8)),
+                                                  names)
+        tmp = os.path.join(cfg.out, f"scores.parquet.tmp-{os.getpid()}")
+        pq.write_table(table.append_column("decision", decision), tmp)
+        os.replace(tmp, os.path.join(cfg.out, "scores.parquet"))
 
-    kept = [(table["shard"][i], table["index"][i], table["key"][i]) for i, d in enumerate(decisions) if d == "kept"]
-    groups = [kept[i:i + cfg.samples_per_shard] for i in range(0, len(kept), cfg.samples_per_shard)]
+    # Pass 3: output shard j holds kept samples j*S .. (j+1)*S-1 in input order.
+    kept = np.flatnonzero(codes == REASONS.index("kept"))
+    n_out = -(-len(kept) // cfg.samples_per_shard)
     cache: dict = {}
     written = 0
-    with tqdm(range(pid, len(groups), count), desc="write", unit="shard", disable=None) as bar:
+    with tqdm(range(pid, n_out, count), desc="write", unit="shard", disable=None) as bar:
         for j in bar:
-            written += write_shard(cfg, j, groups[j], cache)
+            rows = table.take(kept[j * cfg.samples_per_shard:(j + 1) * cfg.samples_per_shard])
+            d = rows.select(["shard", "index", "key"]).to_pydict()
+            written += write_shard(cfg, j, list(zip(d["shard"], d["index"], d["key"])), cache)
     _barrier("oq2vl-curate-written")
 
-    dropped, unreadable = collections.Counter(), collections.Counter()
-    for d, status in zip(decisions, table["status"]):
-        if status != "ok":
-            unreadable[status] += 1
-        elif d != "kept":
-            dropped[d] += 1
+    counts = np.bincount(codes[codes >= 0], minlength=len(REASONS))
+    unreadable = pc.value_counts(table["status"].filter(pc.not_equal(table["status"], "ok"))).to_pylist()
     stats = {
-        "samples_in": len(decisions), "kept": len(kept),
-        "dropped": dict(sorted(dropped.items())), "unreadable": dict(sorted(unreadable.items())),
-        "bad_shards": bad_shards, "selectors": tallies, "scores": _score_summary(table, scorers.columns()),
-        "output_shards": len(groups), "samples_per_shard": cfg.samples_per_shard,
+        "samples_in": int(len(codes)), "kept": int(len(kept)),
+        "dropped": {REASONS[i]: int(c) for i, c in enumerate(counts) if i and c},
+        "unreadable": dict(sorted((u["values"], int(u["counts"])) for u in unreadable)),
+        "bad_shards": bad_shards, "selectors": tallies, "scores": _score_summary(cols, cfg.mlm_column),
+        "output_shards": int(n_out), "samples_per_shard": cfg.samples_per_shard,
         "selection": {"keep_uids": list(cfg.keep_uids), "drop_uids": list(cfg.drop_uids),
-                      "mlm_min": cfg.mlm_min, "metric": cfg.metric if scorers.columns() else None,
+                      "mlm_min": cfg.mlm_min, "metric": cfg.metric if cols.mlm is not None else None,
                       "siglip_min": cfg.siglip_min, "dedup": cfg.dedup},
         "input_shards": len(units),
     }
+    stats["dropped"] = dict(sorted(stats["dropped"].items()))
     assert stats["kept"] + sum(stats["dropped"].values()) + sum(stats["unreadable"].values()) == stats["samples_in"]
     if pid == 0:
-        _remove_stale(cfg.out, len(groups))
+        _remove_stale(cfg.out, n_out)
         _write_json(os.path.join(cfg.out, "stats.json"), stats)
     dt = time.perf_counter() - t0
     log.info("kept %d/%d samples in %d shards (%d rewritten); dropped %s; unreadable %s; bad shards %d; "
-             "%.1fs", stats["kept"], stats["samples_in"], len(groups), written, stats["dropped"],
+             "%.1fs", stats["kept"], stats["samples_in"], n_out, written, stats["dropped"],
              stats["unreadable"], len(bad_shards), dt)
     return stats
+
+
+def _empty_table(columns: list[str]):
+    import pyarrow as pa
+
+    return pa.table({name: pa.array([], type=_arrow_type(name)) for name in TABLE_COLUMNS + columns})
 
 
 def _remove_stale(out: str, n_shards: int) -> None:
@@ -482,6 +544,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body():
+        from oq2vl_jax.train import init_distributed
+
+        init_distributed()  # several processes (SLURM, JAX_COORDINATOR_ADDRESS): input shards are split
         cfg = CurateConfig(out=args.out, samples_per_shard=args.samples_per_shard, mlm_filter=args.mlm_filter,
                            metric=args.metric, mlm_min=args.mlm_min, max_new_tokens=args.max_new_tokens,
                            siglip=args.siglip, siglip_min=args.siglip_min, scores=args.scores,

@@ -18,7 +18,6 @@ hex uid per line).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
@@ -95,68 +94,71 @@ def in_sorted(sorted_list: np.ndarray, query: np.ndarray) -> np.ndarray:
 class Selection:
     keep_uids: np.ndarray | None = None  # sorted U128, union of the --keep-uids lists
     drop_uids: np.ndarray | None = None
-    mlm_column: str | None = None  # e.g. "mlm_su"; None: no MLM selector
-    mlm_min: float | None = None
+    mlm_min: float | None = None  # None: no MLM selector
     siglip_min: float | None = None
     dedup: bool = False
 
-    def selectors(self) -> list[str]:
-        return ([n for n, on in (("keep_uids", self.keep_uids is not None), ("mlm", self.mlm_min is not None),
-                                 ("siglip", self.siglip_min is not None)) if on])
+
+# Decision codes (int8 per sample); UNREADABLE samples are named by their status instead.
+REASONS = ("kept", "drop_uids", "not_selected", "not_in_keep_uids", "below_mlm_min", "mlm_unparseable",
+           "mlm_unscored", "below_siglip_min", "siglip_unscored", "duplicate_pixels", "duplicate_uid")
+CODE = {name: i for i, name in enumerate(REASONS)}
+UNREADABLE, OPEN = -1, -2
 
 
-def decide(table: dict[str, list], sel: Selection) -> tuple[list[str], dict]:
-    """One decision per row ("kept" or the drop reason) and the tallies for stats.json.
+@dataclasses.dataclass
+class Columns:
+    """What the decision reads, one entry per sample in input order (numpy, vectorised)."""
 
-    `table` holds columns status ("ok" or an unreadable reason), uid, pixel_hash and the score
-    columns, in input order."""
-    n = len(table["status"])
-    status = np.array(table["status"], object)
-    readable = status == "ok"
-    pairs, has_uid = uid_pairs(table["uid"])
-    decision = np.where(readable, "", status).astype(object)
-    tallies: dict[str, dict] = {}
+    readable: np.ndarray  # bool
+    uid: np.ndarray  # U128 (0, 0 where has_uid is False)
+    has_uid: np.ndarray  # bool
+    pixels: np.ndarray  # U128 pixel hash (meaningful where readable)
+    mlm: np.ndarray | None = None  # float score, NaN where none
+    mlm_generated: np.ndarray | None = None  # bool: the model produced text (NaN score = unparseable)
+    siglip: np.ndarray | None = None  # float, NaN where none
 
+
+def decide(cols: Columns, sel: Selection) -> tuple[np.ndarray, dict]:
+    """int8 decision codes (REASONS index, or UNREADABLE) and each selector's tally for stats.json."""
+    n = len(cols.readable)
+    code = np.where(cols.readable, OPEN, UNREADABLE).astype(np.int8)
     if sel.drop_uids is not None:
-        hit = readable & has_uid & in_sorted(sel.drop_uids, pairs)
-        decision[hit] = "drop_uids"
-    open_ = decision == ""
+        code[(code == OPEN) & cols.has_uid & in_sorted(sel.drop_uids, cols.uid)] = CODE["drop_uids"]
+    open_ = code == OPEN
 
-    verdicts = {}  # selector -> (accepted bool[n], failure reason per row)
+    verdicts = {}  # selector -> failure code per row (CODE["kept"] where it accepts)
     if sel.keep_uids is not None:
-        ok = has_uid & in_sorted(sel.keep_uids, pairs)
-        verdicts["keep_uids"] = (ok, np.where(ok, "", "not_in_keep_uids"))
+        ok = cols.has_uid & in_sorted(sel.keep_uids, cols.uid)
+        verdicts["keep_uids"] = np.where(ok, CODE["kept"], CODE["not_in_keep_uids"])
     if sel.mlm_min is not None:
-        text = np.array(table[sel.mlm_column + "_text"], object)
-        score = np.array([np.nan if s is None else s for s in table[sel.mlm_column]], float)
-        ok = score >= sel.mlm_min
-        why = np.where(ok, "", np.where(np.array([t is None for t in text], bool), "mlm_unscored",
-                                        np.where(np.isnan(score), "mlm_unparseable", "below_mlm_min")))
-        verdicts["mlm"] = (ok, why)
+        score = cols.mlm
+        why = np.where(~cols.mlm_generated, CODE["mlm_unscored"],
+                       np.where(np.isnan(score), CODE["mlm_unparseable"], CODE["below_mlm_min"]))
+        verdicts["mlm"] = np.where(score >= sel.mlm_min, CODE["kept"], why)
     if sel.siglip_min is not None:
-        score = np.array([np.nan if s is None else s for s in table["siglip"]], float)
-        ok = score >= sel.siglip_min
-        verdicts["siglip"] = (ok, np.where(ok, "", np.where(np.isnan(score), "siglip_unscored", "below_siglip_min")))
+        why = np.where(np.isnan(cols.siglip), CODE["siglip_unscored"], CODE["below_siglip_min"])
+        verdicts["siglip"] = np.where(cols.siglip >= sel.siglip_min, CODE["kept"], why)
+    tallies = {}
     if verdicts:
         accepted = np.zeros(n, bool)
-        for name, (ok, why) in verdicts.items():
-            accepted |= ok
-            tallies[name] = dict(sorted(collections.Counter(
-                "pass" if o else w for o, w in zip(ok[open_], why[open_])).items()))
-        reason = (next(iter(verdicts.values()))[1] if len(verdicts) == 1
-                  else np.full(n, "not_selected", object))
-        decision[open_ & ~accepted] = reason[open_ & ~accepted]
-    open_ = decision == ""
+        for name, v in verdicts.items():
+            accepted |= v == CODE["kept"]
+            values, counts = np.unique(v[open_], return_counts=True)
+            tallies[name] = dict(sorted(("pass" if c == CODE["kept"] else REASONS[c], int(k))
+                                        for c, k in zip(values, counts)))
+        reason = next(iter(verdicts.values())) if len(verdicts) == 1 else np.full(n, CODE["not_selected"])
+        rejected = open_ & ~accepted
+        code[rejected] = reason[rejected]
 
     if sel.dedup:
-        hashes = np.array([h or "" for h in table["pixel_hash"]], object)
-        for name, keys, valid in (("duplicate_pixels", hashes, hashes != ""), ("duplicate_uid", pairs, has_uid)):
-            idx = np.flatnonzero(open_ & valid)
+        for name, keys, valid in (("duplicate_pixels", cols.pixels, cols.readable),
+                                  ("duplicate_uid", cols.uid, cols.has_uid)):
+            idx = np.flatnonzero((code == OPEN) & valid)
             if len(idx):
-                _, first = np.unique(keys[idx], return_index=True)
+                _, first = np.unique(keys[idx], return_index=True)  # the earliest of each value
                 dup = np.ones(len(idx), bool)
                 dup[first] = False
-                decision[idx[dup]] = name
-                open_ = decision == ""
-    decision[open_] = "kept"
-    return decision.tolist(), tallies
+                code[idx[dup]] = CODE[name]
+    code[code == OPEN] = CODE["kept"]
+    return code, tallies
