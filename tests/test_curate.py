@@ -269,3 +269,24 @@ def test_bad_input_is_one_named_line_and_exit_2(tmp_path, capsys, args, message)
     assert _run("--input", pattern, "--out", str(tmp_path / "out"), *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_uid_lists_read_datacomp_pairs_uint64_columns_strings_and_text_alike(tmp_path):
+    from oq2vl_jax.data.curate_select import UidListError, load_uid_list
+
+    uids = [_uid(i) for i in (5, 1, 3, 1)]
+    pairs = _u128(uids)
+    paths = {"pairs.npy": pairs, "cols.npy": np.stack([pairs["f0"], pairs["f1"]], 1),
+             "strings.npy": np.array(uids)}
+    for name, arr in paths.items():
+        np.save(tmp_path / name, arr)
+    (tmp_path / "uids.txt").write_text("\n".join(u.upper() for u in uids) + "\n")
+    expected = np.unique(pairs)
+    for name in list(paths) + ["uids.txt"]:
+        np.testing.assert_array_equal(load_uid_list(str(tmp_path / name)), expected, err_msg=name)
+    (tmp_path / "bad.txt").write_text(f"{_uid(1)}\nnot-a-uid\n")
+    with pytest.raises(UidListError, match=r"bad.txt:2: 'not-a-uid'"):
+        load_uid_list(str(tmp_path / "bad.txt"))
+    np.save(tmp_path / "floats.npy", np.zeros(3))
+    with pytest.raises(UidListError, match="floats.npy"):
+        load_uid_list(str(tmp_path / "floats.npy"))

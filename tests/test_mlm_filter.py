@@ -140,3 +140,18 @@ def test_curate_with_mlm_filter_keeps_scores_at_or_above_min_whatever_the_batch(
     stats = _stats(out)
     assert stats["kept"] == sum(s is not None and s >= threshold for s in scores)
     assert stats["dropped"].get("mlm_unparseable", 0) == sum(s is None for s in scores)
+
+
+def test_llava_conversion_refuses_what_it_cannot_express(tmp_path):
+    import json
+
+    tok = tiny.build_tokenizer(str(tmp_path / "tok"))
+    vdir, ldir, _ = tiny.build_release(str(tmp_path), tok)
+    cfg_path = os.path.join(ldir, "config.json")
+    cfg = json.load(open(cfg_path))
+    for change, message in ((dict(mm_projector_type="linear"), "mm_projector_type='linear'"),
+                            (dict(model_type="llava_llama"), "model_type 'llava_llama'"),
+                            (dict(mm_hidden_size=64), "mm_hidden_size 64")):
+        json.dump({**cfg, **change}, open(cfg_path, "w"))
+        with pytest.raises(hf_to_jax.ConversionError, match=message):
+            hf_to_jax.convert(hf_to_jax.parse_args(["--vision", vdir, "--llava", ldir, "--out", str(tmp_path / "x")]))
