@@ -26,6 +26,16 @@ CAPTIONS = ["a red bus on a street", "a cat", "two dogs playing in the snow near
             "caption number 1", "caption number 2", "caption number 3"]
 
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny torch references run ~15x faster on one thread than on contended cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def siglip(tmp_path_factory):
     """A tiny random HF SiglipModel (with a stand-in BPE tokenizer: SigLIP's own needs a sentencepiece
@@ -81,6 +91,7 @@ def test_siglip_cosine_equals_hf_siglipmodel(siglip):
     assert np.ptp(expected) > 0.05  # the scores differ between pairs
 
 
+@pytest.mark.slow
 def test_curate_siglip_min_keeps_pairs_at_or_above_the_threshold(siglip, tmp_path):
     _, pair = siglip
     d = tmp_path / "in"
