@@ -72,7 +72,8 @@ class CurateConfig:
     dedup: bool = False
     batch_size: int = 64
     dtype: str | None = None
-    chunk: int = 512  # readable samples scored together (bounds decoded images held in memory)
+    chunk: int = 512  # samples decoded and scored together (bounds decoded images held in memory)
+    workers: int = 1  # threads decoding, hashing and resizing images
 
     def __post_init__(self):
         from oq2vl_jax.data.mlm_filter import check_metric
@@ -81,7 +82,7 @@ class CurateConfig:
             check_metric(self.metric)
         except ValueError as e:
             raise cli.UserError(str(e)) from None
-        for name in ("samples_per_shard", "batch_size", "chunk", "max_new_tokens"):
+        for name in ("samples_per_shard", "batch_size", "chunk", "max_new_tokens", "workers"):
             if getattr(self, name) < 1:
                 raise cli.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
@@ -131,12 +132,26 @@ def _decode(data: bytes):
     return rgb, h.digest()
 
 
+def _inspect(sample: tuple[str, dict[str, bytes]]):
+    """(status, RGB image, caption, pixel hash) of one sample; status is "ok" or the unreadable reason."""
+    try:
+        image_bytes, caption = readers.caption_from_files(sample[1])
+        image, pixel_hash = _decode(image_bytes)
+    except SampleError as e:
+        return e.reason, None, None, None
+    return "ok", image, caption, pixel_hash
+
+
 class Scorers:
     """The models a run needs, built once per process on first use, and an earlier table's columns."""
 
     def __init__(self, cfg: CurateConfig):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.cfg = cfg
         self._mlm = self._siglip = None
+        # Image decoding, hashing and resizing release the GIL (PIL, hashlib): threads use the cores.
+        self._pool = ThreadPoolExecutor(cfg.workers) if cfg.workers > 1 else None
         self.model_columns = (([cfg.mlm_column, cfg.mlm_column + "_text"] if cfg.mlm_filter else [])
                               + (["siglip"] if cfg.siglip else []))
         self.lookup = None
@@ -149,6 +164,9 @@ class Scorers:
             if missing:
                 raise cli.UserError(f"--scores {cfg.scores} has no column {missing[0]!r} for the threshold given "
                                     f"(has {self.lookup.columns or 'no score columns'})")
+
+    def map(self, fn, items) -> list:
+        return list(self._pool.map(fn, items) if self._pool else map(fn, items))
 
     def columns(self) -> list[str]:
         return self.model_columns + (self.lookup.columns if self.lookup else [])
@@ -164,14 +182,14 @@ class Scorers:
                 from oq2vl_jax.data.mlm_filter import MLMFilterScorer
                 self._mlm = MLMFilterScorer(c.mlm_filter, c.metric, batch_size=c.batch_size,
                                             max_new_tokens=c.max_new_tokens, dtype=c.dtype)
-            scored = self._mlm.score_pairs(images, captions)
+            scored = self._mlm.score_pairs(images, captions, mapper=self.map)
             out[c.mlm_column] = [s.score for s in scored]
             out[c.mlm_column + "_text"] = [s.text for s in scored]
         if c.siglip:
             if self._siglip is None:
                 from oq2vl_jax.data.siglip_score import SiglipScorer
                 self._siglip = SiglipScorer(c.siglip, batch_size=c.batch_size, dtype=c.dtype)
-            out["siglip"] = self._siglip.score(images, captions)
+            out["siglip"] = self._siglip.score(images, captions, mapper=self.map)
         return out
 
 
@@ -273,24 +291,22 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
                 cols[c][row] = v
         pending.clear()
 
-    for index, (key, files) in enumerate(raw):
-        status, pixel_hash, image, caption = "ok", None, None, None
-        try:
-            image_bytes, caption = readers.caption_from_files(files)
-            image, pixel_hash = _decode(image_bytes)
-        except SampleError as e:
-            status = e.reason
-        uid = _uid(files)
-        pair = uid_pair(uid)
-        for c, v in (("shard", path), ("index", index), ("key", key), ("uid", uid), ("uid_hi", pair and pair[0]),
-                     ("uid_lo", pair and pair[1]), ("status", status), ("pixel_hash", pixel_hash)):
-            cols[c].append(v)
-        for c in score_cols:
-            cols[c].append(None)
-        if status == "ok" and score_cols:
-            pending.append((index, image, caption))
-            if len(pending) >= cfg.chunk:
-                flush()
+    for start in range(0, len(raw), cfg.chunk):  # decoded images of one chunk at a time in memory
+        inspected = scorers.map(_inspect, raw[start:start + cfg.chunk])
+        for index, (key, files), (status, image, caption, pixel_hash) in zip(
+                range(start, len(raw)), raw[start:start + cfg.chunk], inspected):
+            uid = _uid(files)
+            pair = uid_pair(uid)
+            for c, v in (("shard", path), ("index", index), ("key", key), ("uid", uid),
+                         ("uid_hi", pair and pair[0]), ("uid_lo", pair and pair[1]), ("status", status),
+                         ("pixel_hash", pixel_hash)):
+                cols[c].append(v)
+            for c in score_cols:
+                cols[c].append(None)
+            if status == "ok" and score_cols:
+                pending.append((index, image, caption))
+        if len(pending) >= cfg.chunk:
+            flush()
     flush()
     _write_parquet(table_path, cols)
     done = {**expect, "complete": error is None, "samples": len(raw), "shard_error": error,
@@ -491,7 +507,7 @@ def run(cfg: CurateConfig, inputs: list[str]) -> dict:
     stats["dropped"] = dict(sorted(stats["dropped"].items()))
     assert stats["kept"] + sum(stats["dropped"].values()) + sum(stats["unreadable"].values()) == stats["samples_in"]
     if pid == 0:
-        _remove_stale(cfg.out, n_out)
+        _remove_stale(cfg.out, n_out, {u.name for u in units})
         _write_json(os.path.join(cfg.out, "stats.json"), stats)
     dt = time.perf_counter() - t0
     log.info("kept %d/%d samples in %d shards (%d rewritten); dropped %s; unreadable %s; bad shards %d; "
@@ -506,12 +522,18 @@ def _empty_table(columns: list[str]):
     return pa.table({name: pa.array([], type=_arrow_type(name)) for name in TABLE_COLUMNS + columns})
 
 
-def _remove_stale(out: str, n_shards: int) -> None:
-    """Output shards past this run's count (an earlier run kept more) would be packed too: removed."""
+def _remove_stale(out: str, n_shards: int, units: set[str]) -> None:
+    """Output shards past this run's count (an earlier run kept more) would be packed too, and tables
+    of input shards no longer given would confuse a reader of DIR/scores: both removed."""
     folder = os.path.join(out, "shards")
     for f in sorted(os.listdir(folder)):
         stem, _, ext = f.partition(".")
         if ext in ("tar", "json") and stem.isdigit() and int(stem) >= n_shards:
+            os.remove(os.path.join(folder, f))
+    folder = os.path.join(out, "scores")
+    for f in sorted(os.listdir(folder)):
+        stem, _, ext = f.rpartition(".")
+        if ext in ("parquet", "json") and stem not in units:
             os.remove(os.path.join(folder, f))
 
 
@@ -535,7 +557,9 @@ def main(argv=None) -> int:
                    help="SigLIP converted by tools/convert/hf_to_jax.py --siglip (without --siglip-min: scores only)")
     g.add_argument("--scores", metavar="FILE", help="take scores from an earlier DIR/scores.parquet")
     g.add_argument("--batch-size", type=int, default=64, help="scoring rows per step, split over local devices")
-    g.add_argument("--chunk", type=int, default=512, help="readable samples decoded and scored together")
+    g.add_argument("--chunk", type=int, default=512, help="samples decoded and scored together")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="threads decoding, hashing and resizing images (default: all cores)")
     cli.add_dtype(p, help="scoring dtype (default: the checkpoint's)")
     g = p.add_argument_group("exclusions")
     g.add_argument("--drop-uids", action="append", default=[], metavar="FILE", help="uids never kept; repeatable")
@@ -551,7 +575,7 @@ def main(argv=None) -> int:
                            metric=args.metric, mlm_min=args.mlm_min, max_new_tokens=args.max_new_tokens,
                            siglip=args.siglip, siglip_min=args.siglip_min, scores=args.scores,
                            keep_uids=tuple(args.keep_uids), drop_uids=tuple(args.drop_uids), dedup=args.dedup,
-                           batch_size=args.batch_size, dtype=args.dtype, chunk=args.chunk)
+                           batch_size=args.batch_size, dtype=args.dtype, chunk=args.chunk, workers=args.workers)
         for flag, path in (("--mlm-filter", cfg.mlm_filter), ("--siglip-score", cfg.siglip), ("--scores", cfg.scores)):
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path!r} does not exist")

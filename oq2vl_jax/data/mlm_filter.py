@@ -247,9 +247,12 @@ class MLMFilterScorer:
             result.append(Scored(text, parse_score(text)))
         return result
 
-    def score_pairs(self, images: Sequence, captions: Sequence[str]) -> list[Scored]:
-        """Scores of decoded images (PIL, any size) with their captions, in order."""
+    def score_pairs(self, images: Sequence, captions: Sequence[str], mapper=None) -> list[Scored]:
+        """Scores of decoded images (PIL, any size) with their captions, in order. `mapper` (a
+        thread pool's map) prepares the prompts in parallel."""
         from oq2vl_jax.generate import load_image
 
         size = self.cfg.vision.image_size
-        return self.score_prompts([self.prompt(load_image(im, size), c) for im, c in zip(images, captions)])
+        prompts = (mapper or (lambda f, xs: list(map(f, xs))))(
+            lambda pair: self.prompt(load_image(pair[0], size), pair[1]), list(zip(images, captions)))
+        return self.score_prompts(list(prompts))

@@ -75,15 +75,17 @@ class SiglipScorer:
         return np.asarray(self.tok(list(captions), padding="max_length", max_length=n, truncation=True)["input_ids"],
                           np.int32)
 
-    def score(self, images: Sequence, captions: Sequence[str]) -> list[float]:
+    def score(self, images: Sequence, captions: Sequence[str], mapper=None) -> list[float]:
+        """Cosines in order; `mapper` (a thread pool's map) resizes the images in parallel."""
         import jax
 
         from oq2vl_jax.generate import load_image
 
         size, out = self.cfg.vision.image_size, []
+        mapper = mapper or (lambda f, xs: list(map(f, xs)))
         for start in range(0, len(captions), self.batch_size):
             caps = list(captions[start:start + self.batch_size])
-            pixels = np.stack([load_image(im, size) for im in images[start:start + self.batch_size]])
+            pixels = np.stack(mapper(lambda im: load_image(im, size), list(images[start:start + self.batch_size])))
             ids = self.token_ids(caps)
             pad = self.batch_size - len(caps)  # one shape for every batch
             pixels = np.concatenate([pixels, np.zeros((pad,) + pixels.shape[1:], pixels.dtype)])
