@@ -7,6 +7,7 @@ and SigLIP paths through the CLI are in the slow tests at the end.
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -217,6 +218,26 @@ def test_resume_after_a_kill_reuses_finished_shards_and_matches_an_uninterrupted
     for f in sorted(os.listdir(os.path.join(ref, "shards"))):
         assert open(os.path.join(out, "shards", f), "rb").read() == open(os.path.join(ref, "shards", f), "rb").read()
     assert _stats(out) == _stats(ref)
+    # Killed while writing output shards: the finished ones are kept, the rest written on the re-run.
+    shutil.rmtree(os.path.join(out, "shards"))
+    real_write = curate.write_shard
+    writes = []
+
+    def killed_on_second(cfg, j, rows, cache):
+        writes.append(j)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real_write(cfg, j, rows, cache)
+
+    monkeypatch.setattr(curate, "write_shard", killed_on_second)
+    assert _run(*args, "--out", out) == 130
+    assert not os.path.exists(os.path.join(out, "stats.json"))  # the folder is changing
+    monkeypatch.setattr(curate, "write_shard", real_write)
+    first = os.stat(os.path.join(out, "shards", "000000.tar")).st_mtime_ns
+    assert _run(*args, "--out", out) == 0
+    assert os.stat(os.path.join(out, "shards", "000000.tar")).st_mtime_ns == first
+    for f in sorted(os.listdir(os.path.join(ref, "shards"))):
+        assert open(os.path.join(out, "shards", f), "rb").read() == open(os.path.join(ref, "shards", f), "rb").read()
     # A re-run with another shard size rewrites the shards and removes the now surplus ones.
     assert _run(*args[:2], "--out", out, "--samples-per-shard", "100", "--dedup") == 0
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["000000.json", "000000.tar"]

@@ -15,7 +15,8 @@ Three passes:
      DIR/scores/<shard>.parquet with its marker DIR/scores/<shard>.json (written last). A re-run
      reuses every shard whose marker matches the scorers and the input file; thresholds, uid lists
      and --dedup are not part of it, so changing them only redoes passes 2 and 3. Shards are split
-     across processes (multi-host); the MLM-Filter / SigLIP batches are split over the local devices.
+     across processes (multi-host); the MLM-Filter / SigLIP batches are split over the local devices;
+     images are decoded, hashed and resized by --workers threads, --chunk samples at a time.
   2. select: all tables, in input order, are decided on (deterministic), and DIR/scores.parquet is
      written: shard, index, key, uid, status, pixel_hash, the score columns and the decision.
      ``--scores DIR/scores.parquet`` reuses its score columns in a later run instead of the models.
