@@ -63,14 +63,18 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mlm"))
+def _release(root: str, projector_type: str):
     tok = tiny.build_tokenizer(os.path.join(root, "tok"))
-    vdir, ldir, modules = tiny.build_release(root, tok)
+    vdir, ldir, modules = tiny.build_release(root, tok, projector_type=projector_type)
     ck = os.path.join(root, "ck")
     assert hf_to_jax.main(["--vision", vdir, "--llava", ldir, "--out", ck]) == 0
     return ck, ldir, modules
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The layout the authors' training script gives this model: aapool_mlp, last layer."""
+    return _release(str(tmp_path_factory.mktemp("mlm")), "aapool_mlp")
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -79,16 +83,18 @@ def _png(a: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release):
+@pytest.mark.parametrize("projector_type", ["aapool_mlp", pytest.param("mlp2x_gelu", marks=pytest.mark.slow)])
+def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release, tmp_path, projector_type):
     """Our batched, device-split scoring of a released-layout MLM-Filter equals transformers' Llava
     generating each sample alone from the same torch weights, token for token."""
     from transformers import AutoTokenizer, SiglipImageProcessor
 
-    ck, ldir, modules = release
+    ck, ldir, modules = release if projector_type == "aapool_mlp" else _release(str(tmp_path), projector_type)
     scorer = mlm_filter.MLMFilterScorer(ck, "su", batch_size=8, dtype="float32")
-    assert scorer.cfg.image_tokens == 25 and scorer.cfg.vision.feature_layer == -2
+    layer, tokens, _ = tiny.PROJECTORS[projector_type]
+    assert scorer.cfg.image_tokens == tokens and scorer.cfg.vision.feature_layer == layer
     tok = AutoTokenizer.from_pretrained(ldir)  # the released tokenizer, as theirs loads it
-    hf = tiny.hf_llava(modules, scorer.cfg.image_token_id)
+    hf = tiny.hf_llava(modules, scorer.cfg.image_token_id, projector_type)
     processor = SiglipImageProcessor(size={"height": tiny.IMAGE_SIZE, "width": tiny.IMAGE_SIZE},
                                      resample=Image.BICUBIC, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     captions = ["a red bus", "photo of a cat on 12 street with more words in it", "x", "0123 numbers",
@@ -103,7 +109,7 @@ def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release):
     for image, caption, prompt in zip(images, captions, prompts):
         # Their input: text pieces tokenized apart around the image, then the " " id appended.
         head, tail = mlm_filter.render_prompt(caption, "su").split("<image>")
-        ids = tok(head).input_ids + [scorer.cfg.image_token_id] * 25 + tok(tail).input_ids + tok(" ").input_ids[-1:]
+        ids = tok(head).input_ids + [scorer.cfg.image_token_id] * tokens + tok(tail).input_ids + tok(" ").input_ids[-1:]
         assert ids == list(prompt.ids)
         pixels = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
         np.testing.assert_allclose(pixels.numpy().transpose(0, 2, 3, 1), prompt.images, atol=1e-6, rtol=0)

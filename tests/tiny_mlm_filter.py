@@ -19,7 +19,7 @@ from hf_tiny import hf_qwen2, hf_siglip
 from oq2vl_jax.data import mlm_filter
 from oq2vl_jax.data.tokenizer import build_tiny_tokenizer
 
-IMAGE_SIZE = 70  # 5x5 patches of 14: 25 image tokens
+IMAGE_SIZE = 70  # 5x5 patches of 14: 25 image tokens, or 3x3 pooled (torch's overlapping bins)
 VOCAB = 1100
 DIGIT_GAIN = 4.0
 
@@ -31,9 +31,16 @@ def build_tokenizer(out_dir: str) -> str:
     return out_dir
 
 
-def build_release(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[str, str, dict]:
+# LLaVA-Unified projector types: (select layer, image tokens, tensor prefix). aapool_mlp (average pool
+# to mm_num_image_tokens, then the MLP) is what the authors' training script for this model sets.
+PROJECTORS = {"aapool_mlp": (-1, 9, "model.mm_projector.mlp_projector."),
+              "mlp2x_gelu": (-2, 25, "model.mm_projector.")}
+
+
+def build_release(root: str, tokenizer_dir: str, seed: int = 0, projector_type: str = "aapool_mlp"):
     """Writes ROOT/siglip (HF SiglipVisionModel) and ROOT/mlm-filter (llava_qwen). Returns their
     paths and the torch modules {'vision', 'llm', 'projector'}."""
+    layer, tokens, prefix = PROJECTORS[projector_type]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -50,11 +57,12 @@ def build_release(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[str, st
     vision.save_pretrained(vdir)
     os.makedirs(ldir, exist_ok=True)
     sd = {k: v.contiguous() for k, v in llm.state_dict().items()}
-    sd.update({f"model.mm_projector.{k}": v.contiguous() for k, v in projector.state_dict().items()})
+    sd.update({f"{prefix}{k}": v.contiguous() for k, v in projector.state_dict().items()})
     save_file(sd, os.path.join(ldir, "model.safetensors"), metadata={"format": "pt"})
     cfg = llm.config.to_dict()
-    cfg.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"], mm_projector_type="mlp2x_gelu",
-               mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=False,
+    cfg.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"], mm_projector_type=projector_type,
+               mm_num_image_tokens=tokens, mm_vision_select_layer=layer, mm_vision_select_feature="patch",
+               mm_use_im_start_end=False,
                mm_use_im_patch_token=False, mm_patch_merge_type="flat", mm_hidden_size=d_v,
                mm_vision_tower="google/siglip-so400m-patch14-384", image_aspect_ratio="pad",
                tokenizer_padding_side="right")
@@ -65,21 +73,38 @@ def build_release(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[str, st
     return vdir, ldir, {"vision": vision, "llm": llm, "projector": projector}
 
 
-def hf_llava(modules: dict, image_token_id: int):
-    """transformers' Llava over the same torch weights: all patches of hidden_states[-2], GELU MLP."""
+def hf_llava(modules: dict, image_token_id: int, projector_type: str = "aapool_mlp"):
+    """transformers' Llava over the same torch weights (features of the same layer, exact-GELU MLP).
+    For aapool_mlp its projector first average-pools the patch grid with torch's adaptive_avg_pool2d,
+    as LLaVA-Unified's AvgPoolProjector does."""
+    import math
+
+    import torch.nn.functional as F
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    layer, tokens, _ = PROJECTORS[projector_type]
     vision, llm, projector = modules["vision"], modules["llm"], modules["projector"]
     cfg = LlavaConfig(vision_config=vision.config.to_dict(), text_config=llm.config.to_dict(),
-                      image_token_index=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-2,
+                      image_token_index=image_token_id, projector_hidden_act="gelu", vision_feature_layer=layer,
                       vision_feature_select_strategy="full", multimodal_projector_bias=True,
-                      image_seq_length=(IMAGE_SIZE // 14) ** 2, tie_word_embeddings=False)
+                      image_seq_length=tokens, tie_word_embeddings=False)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())
-    model.model.multi_modal_projector.linear_1.load_state_dict(projector[0].state_dict())
-    model.model.multi_modal_projector.linear_2.load_state_dict(projector[2].state_dict())
+    proj = model.model.multi_modal_projector
+    proj.linear_1.load_state_dict(projector[0].state_dict())
+    proj.linear_2.load_state_dict(projector[2].state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if projector_type == "aapool_mlp":
+        mlp, side = proj.forward, math.isqrt(tokens)
+
+        def pooled(x):  # [n, g*g, c] -> [n, c, g, g] -> pool -> [n, side*side, c] -> MLP
+            n, t, c = x.shape
+            g = math.isqrt(t)
+            x = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(n, c, g, g), (side, side))
+            return mlp(x.flatten(2).transpose(1, 2))
+
+        proj.forward = pooled
     return model
 
 

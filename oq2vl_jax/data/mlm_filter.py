@@ -1,10 +1,10 @@
 """MLM-Filter quality scores: the four prompts, the prompt encoding, the score parsing, and batched
 greedy scoring with the KV-cache generator over all local devices.
 
-MLM-Filter ("mlm-filter-qwen2.5-1.5b-gpt4o") is a LLaVA-style SigLIP-so400m + 2-layer GELU MLP +
-Qwen2.5-1.5B model; converted by tools/convert/hf_to_jax.py --llava it is an OQ2VL with 729 image
-tokens (identity pooling). How its authors score a sample (their WebDataset batch script for Qwen2.5
-models), reproduced here:
+MLM-Filter ("mlm-filter-qwen2.5-1.5b-gpt4o") is a LLaVA-Unified SigLIP-so400m + 2-layer GELU MLP +
+Qwen2.5-1.5B-Instruct model; converted by tools/convert/hf_to_jax.py --llava it is an OQ2VL (its
+average-pooling projector to 144 tokens is ours; a plain per-patch MLP converts as 729 tokens). How
+its authors score a sample (their WebDataset batch script for Qwen2.5 models), reproduced here:
 
 - the caption is put into one instruction template with the metric's criteria text, then into the
   ``qwen_instruct`` conversation: ``<|im_start|>system\\nYou are a helpful assistant<|im_end|>``

@@ -24,9 +24,11 @@ SigLIP weights as the original did pass --vision-act gelu (the default with --oq
 --llm: a HF Qwen2/Qwen2.5 directory (config, tokenizer; its weights unless --oq-checkpoint).
 --llava: instead of --llm, a LLaVA(-Unified) Qwen2 checkpoint directory such as MLM-Filter's
 mlm-filter-qwen2.5-1.5b-gpt4o (config with mm_* fields, model.* + lm_head + model.mm_projector.{0,2}.*
-tensors, tokenizer). --vision is then its mm_vision_tower (HF siglip-so400m-patch14-384); all patches
-become image tokens (729, no pooling), features from mm_vision_select_layer, projector GELU exact. The
-tokenizer is kept as released (not prepared as Open-Qwen2VL's), for oq2vl_jax.data.curate --mlm-filter.
+or model.mm_projector.mlp_projector.{0,2}.* tensors, tokenizer). --vision is then its mm_vision_tower
+(HF siglip-so400m-patch14-384); features from mm_vision_select_layer; image tokens are every patch
+(mlp2x_gelu) or mm_num_image_tokens after adaptive average pooling (aapool_mlp, e.g. 144); projector
+GELU exact. The tokenizer is kept as released (not prepared as Open-Qwen2VL's), for
+oq2vl_jax.data.curate --mlm-filter.
 --siglip (alone): a HF SiglipModel with both towers -> the image/text pair that
 oq2vl_jax.data.curate --siglip-score reads (siglip.json, model.safetensors, tokenizer/).
 --oq-checkpoint: a prismatic `latest-checkpoint.pt` ({"model": {"projector", "llm_backbone"[,
@@ -239,12 +241,18 @@ def oq_image_tokens(ckpt_path: str) -> int | None:
 LLAVA_TYPES = ("llava_qwen",)
 
 
+LLAVA_PROJECTORS = {  # mm_projector_type -> the prefix of its Linear-GELU-Linear tensors
+    "mlp2x_gelu": "model.mm_projector.",  # nn.Sequential on every patch
+    "aapool_mlp": "model.mm_projector.mlp_projector.",  # adaptive average pool to mm_num_image_tokens first
+}
+
+
 def read_llava(directory: str) -> tuple[TextConfig, dict, dict[str, LazyTensors]]:
     """(LLM config, LLaVA settings, {component: lazy HF-named tensors}) of a LLaVA(-Unified) Qwen2
     checkpoint directory, e.g. mlm-filter-qwen2.5-1.5b-gpt4o: a Qwen2 config with mm_* fields and one
-    state dict with model.* (Qwen2 decoder), lm_head.weight and model.mm_projector.{0,2}.* (Linear,
-    GELU, Linear). Its SigLIP tower is loaded by name (mm_vision_tower) from its own release, so it
-    comes from --vision; vision tensors saved in the checkpoint are not read, as the original does."""
+    state dict with model.* (Qwen2 decoder), lm_head.weight and the projector's two Linear layers
+    (LLAVA_PROJECTORS). Its SigLIP tower is loaded by name (mm_vision_tower) from its own release, so
+    it comes from --vision; vision tensors saved in the checkpoint are not read, as the original does."""
     from transformers import Qwen2Config
 
     path = os.path.join(directory, "config.json")
@@ -256,20 +264,22 @@ def read_llava(directory: str) -> tuple[TextConfig, dict, dict[str, LazyTensors]
         raise ConversionError(f"{path}: model_type {raw.get('model_type')!r} is not one of {LLAVA_TYPES}")
     settings = {k: raw.get(k) for k in ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
                                         "mm_use_im_start_end", "mm_patch_merge_type", "mm_hidden_size",
-                                        "mm_vision_tower")}
-    for key, allowed in (("mm_projector_type", ("mlp2x_gelu",)), ("mm_vision_select_feature", ("patch", None)),
+                                        "mm_vision_tower", "mm_num_image_tokens")}
+    for key, allowed in (("mm_projector_type", tuple(LLAVA_PROJECTORS)), ("mm_vision_select_feature", ("patch", None)),
                          ("mm_use_im_start_end", (False, None)), ("mm_patch_merge_type", ("flat", None))):
         if settings[key] not in allowed:
             raise ConversionError(f"{path}: {key}={settings[key]!r} is not supported (only {allowed})")
+    if settings["mm_projector_type"] == "aapool_mlp" and not settings["mm_num_image_tokens"]:
+        raise ConversionError(f"{path}: aapool_mlp without mm_num_image_tokens")
     text = {k: v for k, v in raw.items() if not k.startswith(("mm_", "_")) and k not in ("model_type", "architectures")}
     text_cfg = _text_config(Qwen2Config(**text), directory)
     sd = read_model_dir(directory)
-    proj_keys = [k for k in sd if k.startswith("model.mm_projector.")]
+    prefix = LLAVA_PROJECTORS[settings["mm_projector_type"]]
     names = {}  # our Llava-style projector name -> their key
-    for key in proj_keys:
-        index, _, leaf = key.removeprefix("model.mm_projector.").partition(".")
+    for key in (k for k in sd if k.startswith("model.mm_projector.")):
+        index, _, leaf = key.removeprefix(prefix).partition(".") if key.startswith(prefix) else ("", "", "")
         if index not in ("0", "2"):
-            raise WeightError(f"{directory}: unexpected projector tensor {key!r} (expected mm_projector.0/2.*)")
+            raise WeightError(f"{directory}: unexpected projector tensor {key!r} (expected {prefix}0/2.*)")
         names[f"linear_{1 if index == '0' else 2}.{leaf}"] = key
     projector = LazyTensors(list(names), lambda k: sd[names[k]], f"{directory}:mm_projector")
     llm_keys = [k for k in sd if not k.startswith(("model.mm_projector.", "model.vision_tower.", "model.vision_resampler."))]
@@ -381,8 +391,7 @@ def parse_args(argv=None):
                    "oq2vl_jax.data.curate --siglip-score")
     p.add_argument("--llm", help="HF Qwen2 dir (config, tokenizer, weights); or use --llava")
     p.add_argument("--llava", help="a LLaVA(-Unified) Qwen2 checkpoint dir (e.g. mlm-filter-qwen2.5-1.5b-gpt4o): "
-                   "LLM, projector and tokenizer; its SigLIP tower comes from --vision; image tokens = the "
-                   "tower's patches (no pooling)")
+                   "LLM, projector and tokenizer; its SigLIP tower comes from --vision")
     p.add_argument("--oq-checkpoint", help="Open-Qwen2VL / prismatic latest-checkpoint.pt")
     p.add_argument("--image-tokens", type=int, help="image tokens after pooling (144, 729, ...; default: the "
                    "--oq-checkpoint run's arch_specifier, else 144)")
@@ -456,22 +465,23 @@ def convert(args) -> str:
 
 
 def _convert_llava(args, out: str, vision_cfg: VisionConfig, vision_sd) -> str:
-    """A LLaVA-Qwen checkpoint + its SigLIP tower: image tokens = the tower's patches, no pooling;
-    features from mm_vision_select_layer; the projector's GELU is nn.GELU (exact)."""
+    """A LLaVA-Qwen checkpoint + its SigLIP tower: features from mm_vision_select_layer; image tokens
+    = mm_num_image_tokens for aapool_mlp (torch's adaptive average pool, as our projector), else every
+    patch; the projector's GELU is nn.GELU (exact)."""
     text_cfg, llava, comps = read_llava(args.llava)
     if llava["mm_vision_select_layer"] is not None:
         vision_cfg = dataclasses.replace(vision_cfg, feature_layer=int(llava["mm_vision_select_layer"]))
     if llava["mm_hidden_size"] not in (None, vision_cfg.hidden_size):
         raise ConversionError(f"{args.llava}: mm_hidden_size {llava['mm_hidden_size']} but the --vision tower is "
                               f"{vision_cfg.hidden_size} wide; pass its mm_vision_tower ({llava['mm_vision_tower']})")
-    if args.image_tokens not in (None, vision_cfg.num_patches):
-        raise ConversionError(f"--image-tokens {args.image_tokens}: a LLaVA checkpoint uses all "
-                              f"{vision_cfg.num_patches} patches")
+    tokens = int(llava["mm_num_image_tokens"]) if llava["mm_projector_type"] == "aapool_mlp" else vision_cfg.num_patches
+    if args.image_tokens not in (None, tokens):
+        raise ConversionError(f"--image-tokens {args.image_tokens}: the LLaVA checkpoint uses {tokens}")
     tok, image_id = load_llava_tokenizer(args.tokenizer or args.llava)
     if len(tok) > text_cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tok)} tokens but the LLM only {text_cfg.vocab_size} "
                               "embedding rows")
-    model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=vision_cfg.num_patches,
+    model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=tokens,
                             projector_hidden_act=args.projector_act, image_token_id=image_id)
     return _write(out, args, model_cfg, tok, vision_sd, comps[PROJECTOR], comps[LLM])
 
