@@ -3,7 +3,7 @@
     python bench/curate_bench.py                      # full size: SigLIP-so400m + Qwen2.5-1.5B, GPU
     python bench/curate_bench.py --size tiny --samples 64   # the test-size models, runs on a CPU
 
-Full size is the MLM-Filter model's shapes (729 image tokens, bf16) with random weights: the shapes,
+Full size is the MLM-Filter model's shapes (144 image tokens, bf16) with random weights: the shapes,
 not the weights, set the speed. Each request is the real su prompt: with --tokenizer (a Qwen2.5
 tokenizer directory) its true token count, otherwise its length in characters / 4 random ids (stated
 in the output). Scoring runs the curator's own device-split generator (2 new tokens, greedy) over
@@ -28,13 +28,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def _model_configs(size: str, dtype: str):
+def _model_configs(size: str, dtype: str, args_image_tokens: int = 144):
     from oq2vl_jax.models import ModelConfig, TextConfig, VisionConfig
     from oq2vl_jax.models.siglip_text import SiglipPairConfig, SiglipTextConfig
 
     if size == "full":
-        vision = VisionConfig(hidden_act="gelu_pytorch_tanh")
-        mlm = ModelConfig(vision=vision, text=TextConfig(), image_tokens=729, image_token_id=151655,
+        # The authors' training script for this model: last-layer patches average-pooled to 144 tokens.
+        vision = VisionConfig(hidden_act="gelu_pytorch_tanh", feature_layer=-1)
+        mlm = ModelConfig(vision=vision, text=TextConfig(), image_tokens=args_image_tokens, image_token_id=151655,
                           dtype=dtype, vision_dtype=dtype, param_dtype=dtype, remat="none")
         pair = SiglipPairConfig(vision=VisionConfig(hidden_act="gelu_pytorch_tanh", feature_layer=-1,
                                                     feature_post_layernorm=True), text=SiglipTextConfig())
@@ -195,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--metric", default="su")
     p.add_argument("--tokenizer", help="Qwen2.5 tokenizer directory, for the true prompt length")
+    p.add_argument("--image-tokens", type=int, default=144,
+                   help="full size: 144 (aapool_mlp, the authors' script) or 729 (mlp2x_gelu)")
     p.add_argument("--batch", type=int, default=64, help="MLM-Filter rows per step (SigLIP: 4x)")
     p.add_argument("--samples", type=int, default=512, help="scored samples timed")
     p.add_argument("--cpu-samples", type=int, default=200, help="JPEG samples for the per-core filters")
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=("mlm", "siglip", "cpu"))
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.size == "full" else "float32")
-    mlm_cfg, pair_cfg = _model_configs(args.size, args.dtype)
+    mlm_cfg, pair_cfg = _model_configs(args.size, args.dtype, args.image_tokens)
     results = []
     if "cpu" not in args.skip:
         results += bench_cpu_filters(args)
