@@ -142,7 +142,7 @@ def bench_cpu_filters(args) -> list[dict]:
     from oq2vl_jax.data.curate_select import Selection, decide
 
     import pyarrow.parquet  # noqa: F401  (imports kept out of the timings)
-    import webdataset  # noqa: F401
+    import webdataset  # noqa: F401  (imported by write_shard)
 
     rng = np.random.default_rng(0)
     n = args.cpu_samples

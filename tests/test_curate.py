@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from oq2vl_jax.data import curate, readers
+from oq2vl_jax.data import curate, curate_score, readers
 
 
 def _uid(i: int) -> str:
@@ -65,7 +65,7 @@ def _kept_uids(out: str) -> list[str]:
     uids = []
     for path in readers.resolve_inputs([os.path.join(out, "shards", "*.tar")]):
         for _, files in readers.read_tar(path)[0]:
-            uids.append(curate._uid(files))
+            uids.append(curate_score._uid(files))
     return uids
 
 

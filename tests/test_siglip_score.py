@@ -1,8 +1,6 @@
 """SigLIP score: our text tower, pooling head and image-text cosine against HF SiglipModel at float32,
 through tools/convert/hf_to_jax.py --siglip and the curator's --siglip-score."""
 
-import io
-import json
 import os
 import shutil
 import sys
