@@ -230,21 +230,17 @@ class MLMFilterScorer:
 
     def score_prompts(self, prompts: Sequence) -> list[Scored]:
         """Greedy scores of prompts (None entries stay unscored), in order."""
-        real = [p for p in prompts if p is not None]
-        outs = None
-        if real:
-            # Whole rows per device in every batch: the tail is filled with copies of the last prompt.
-            n = self.gen.n_devices
-            padded = real + [real[-1]] * (-len(real) % n)
-            outs = iter(self.gen(padded, max_new_tokens=self.max_new_tokens,
-                                 batch_size=min(self.batch_size, len(padded))))
-        result = []
-        for p in prompts:
-            if p is None:
-                result.append(Scored(None, None))
-                continue
-            text = self.tok.decode(next(outs), skip_special_tokens=True)
-            result.append(Scored(text, parse_score(text)))
+        # Rows run shortest first, so a batch pads to similar lengths (a row's score does not depend
+        # on its batch); whole rows per device in every batch: copies of the last fill the tail.
+        order = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i].ids))
+        result = [Scored(None, None)] * len(prompts)
+        if order:
+            rows = [prompts[i] for i in order]
+            rows += [rows[-1]] * (-len(rows) % self.gen.n_devices)
+            outs = self.gen(rows, max_new_tokens=self.max_new_tokens, batch_size=min(self.batch_size, len(rows)))
+            for i, ids in zip(order, outs):
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                result[i] = Scored(text, parse_score(text))
         return result
 
     def score_pairs(self, images: Sequence, captions: Sequence[str], mapper=None) -> list[Scored]:
