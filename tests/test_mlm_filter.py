@@ -118,6 +118,9 @@ def test_greedy_scores_equal_transformers_llava_on_the_same_weights(release, tmp
                               eos_token_id=stops, pad_token_id=tok.pad_token_id)
         expected.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
     assert [s.text for s in ours] == expected
+    # A caption holding an <image> tag or the image token is not scored (not a crash, not a shifted image).
+    odd = [scorer.prompt(prompts[0].images[0], c) for c in ("see <image> here", "<|image_pad|> x")]
+    assert odd == [None, None] and scorer.score_prompts(odd + prompts[:1])[:2] == [mlm_filter.Scored(None, None)] * 2
     assert [s.score for s in ours] == [parse_score(t) for t in expected]
     assert len({s.score for s in ours}) > 1 and any(s.score is not None for s in ours)
 

@@ -137,9 +137,10 @@ class PromptEncoder:
         return ids[:self.max_ids] + [self.space_id]
 
     def __call__(self, caption: str) -> list[int] | None:
-        """The model's input ids, or None when the caption itself holds the image id (not scorable)."""
+        """The model's input ids, or None when the caption is not scorable: it holds an ``<image>`` tag
+        (theirs would then take the next sample's image) or the image token itself."""
         ids = self.ids_before_expansion(caption)
-        if self.image_id in ids:
+        if self.image_id in ids or ids.count(self._slot) != 1:
             return None
         out = []
         for t in ids:
