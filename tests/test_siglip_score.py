@@ -86,6 +86,14 @@ def test_siglip_cosine_equals_hf_siglipmodel(siglip):
         out = model(input_ids=ids, pixel_values=pixels)
     expected = (out.image_embeds * out.text_embeds).sum(-1).numpy()
     np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
+    # Each tower's pooled output itself (before normalising), not only the cosine.
+    from oq2vl_jax.data.siglip_score import load_siglip_pair
+
+    pair_model, _ = load_siglip_pair(pair, "float32")
+    text = np.asarray(pair_model.text_model(ids.numpy().astype(np.int32)))
+    image = np.asarray(pair_model.vision_head(pair_model.vision_model(pixels.numpy().transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(text, out.text_model_output.pooler_output.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(image, out.vision_model_output.pooler_output.numpy(), atol=TOL, rtol=0)
     assert np.ptp(expected) > 0.05  # the scores differ between pairs
 
 
