@@ -35,7 +35,8 @@ def _model_configs(size: str, dtype: str, args_image_tokens: int = 144):
     if size == "full":
         # The authors' training script for this model: last-layer patches average-pooled to 144 tokens.
         vision = VisionConfig(hidden_act="gelu_pytorch_tanh", feature_layer=-1)
-        mlm = ModelConfig(vision=vision, text=TextConfig(), image_tokens=args_image_tokens, image_token_id=151655,
+        mlm = ModelConfig(vision=vision, text=TextConfig(vocab_size=151936), image_tokens=args_image_tokens,
+                          image_token_id=151655,
                           dtype=dtype, vision_dtype=dtype, param_dtype=dtype, remat="none")
         pair = SiglipPairConfig(vision=VisionConfig(hidden_act="gelu_pytorch_tanh", feature_layer=-1,
                                                     feature_post_layernorm=True), text=SiglipTextConfig())
