@@ -58,7 +58,7 @@ class PackSettings:
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 95
     max_samples_per_row: int | None = None  # bounds segments for the cuDNN packed layout
-    sft_template: Literal["chatml", "original"] = "chatml"
+    sft_template: Literal["chatml", "original", "plain"] = "chatml"  # plain: the eval's raw prompts
     image_root: str | None = None  # SFT: base folder of relative image paths (default: the json's)
     packing: Literal["ffd", "none"] = "ffd"  # none: one sample per row (unpacked SFT batches)
     text_key: str = "text"  # text mode: the json/jsonl field holding the document

@@ -6,6 +6,14 @@ DIR/shards/00000.tar ...   WebDataset shards: {key}.png + {key}.txt ("a red circ
 DIR/sft/sft.json           LLaVA-style conversations (images in DIR/sft/images/, a few text-only samples)
 DIR/text/text.jsonl        text-only documents ({"text": ...})
 DIR/tokenizer/             tiny Qwen2-style BPE tokenizer trained on all of the above
+
+    python -m oq2vl_jax.data.demo --sft-from 'DIR/shards/{00000..00013}.tar' --out QA_DIR [--seed 0]
+
+QA_DIR/sft.json            LLaVA-style conversations about the given shards' images (QA_DIR/images/), each
+                           a question of the demo benchmark (python -m oq2vl_jax.eval.demo) in its exact
+                           prompt text, answered as the benchmark expects ("circle", "B"). Pack with
+                           `--sft-template plain` (configs/tiny_sft.yaml) so training sees the raw prompt
+                           the evaluation sends. Only the shards given are read: keep held-out ones out.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -23,6 +32,10 @@ COLOURS = {
     "purple": (140, 40, 170), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
+# The demo benchmark's questions (the evaluation and the demo SFT data share them).
+VQA_QUESTIONS = (("What shape is in the image?", 0), ("What colour is the shape?", 1),
+                 ("What colour is the background?", 2))
+_CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
 
 def draw(shape: str, fg: str, bg: str, size: int, rng: np.random.Generator):
@@ -50,6 +63,54 @@ def _scene(rng):
     names = list(COLOURS)
     fg, bg = rng.choice(len(names), size=2, replace=False)
     return str(SHAPES[rng.integers(len(SHAPES))]), names[fg], names[bg]
+
+
+def mc_question(i: int, scene, rng: np.random.Generator) -> tuple[str, list[str], str]:
+    """(question, options, answer letter): even i asks the shape over all 4 shapes, odd i the colour
+    over the shape's colour and 3 others; options shuffled."""
+    shape, fg, _ = scene
+    if i % 2 == 0:
+        options, question, answer = list(SHAPES), "What shape is in the image?", shape
+    else:
+        others = [c for c in COLOURS if c != fg]
+        options = [fg] + [others[j] for j in rng.choice(len(others), 3, replace=False)]
+        question, answer = "What colour is the shape?", fg
+    options = [options[j] for j in rng.permutation(len(options))]
+    return question, options, "ABCD"[options.index(answer)]
+
+
+def write_demo_sft(shards: list[str], out: str, seed: int = 0) -> dict:
+    """Two single-turn conversations per image of `shards`: one demo-vqa question (shape, colour,
+    background in turn) and one demo-mc question, whose user turn is the benchmark's prompt text."""
+    from oq2vl_jax.data.readers import iter_tar
+    from oq2vl_jax.eval.benchmarks import build_mc, build_vqa
+    from oq2vl_jax.eval.data import Question
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    convs, n = [], 0
+    for shard in shards:
+        for key, files in iter_tar(shard):
+            m = _CAPTION.fullmatch(files.get("txt", b"").decode())
+            if m is None or "png" not in files:
+                raise ValueError(f"{shard}: sample {key!r} is not a demo sample (png + 'a .. on a .. background')")
+            fg, shape, bg = m.groups()
+            scene, rel = (shape, fg, bg), f"images/{os.path.basename(key)}.png"
+            with open(os.path.join(out, rel), "wb") as f:
+                f.write(files["png"])
+            q, k = VQA_QUESTIONS[n % 3]
+            vqa, _ = build_vqa()(Question(key, q, [rel], answers=[scene[k]]), [])
+            q, options, letter = mc_question(n, scene, rng)
+            mc, _ = build_mc(Question(key, q, [rel], options=options, answer=letter), [])
+            for kind, prompt, answer in (("vqa", vqa, scene[k]), ("mc", mc, letter)):
+                convs.append({"id": f"{kind}-{key}", "image": rel, "shard": os.path.basename(shard),
+                              "conversations": [{"from": "human", "value": prompt},
+                                                {"from": "gpt", "value": answer}]})
+            n += 1
+    with open(os.path.join(out, "sft.json") + ".tmp", "w") as f:
+        json.dump(convs, f, indent=1)
+    os.replace(os.path.join(out, "sft.json") + ".tmp", os.path.join(out, "sft.json"))
+    return {"images": n, "conversations": len(convs)}
 
 
 def _png(im) -> bytes:
@@ -123,12 +184,26 @@ def write_demo(out: str, num_samples: int = 512, image_size: int = 64, shard_siz
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m oq2vl_jax.data.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--sft-from", metavar="SHARDS",
+                   help="instead: write OUT/sft.json, benchmark-style questions about these shards' images")
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--image-size", type=int, default=64, help="generated image side (pack resizes later)")
     p.add_argument("--shard-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=512)
     a = p.parse_args(argv)
+    if a.sft_from:
+        from oq2vl_jax.data.readers import expand_braces
+
+        shards = expand_braces(a.sft_from)
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            print(f"error: --sft-from: no such shard {missing[0]}", file=sys.stderr)
+            return 2
+        info = write_demo_sft(shards, a.out, a.seed)
+        print(f"wrote {info['conversations']} conversations about {info['images']} images of {len(shards)} "
+              f"shards to {os.path.join(a.out, 'sft.json')}", file=sys.stderr)
+        return 0
     info = write_demo(a.out, a.num_samples, a.image_size, a.shard_size, a.seed, a.vocab_size)
     print(f"wrote {len(info['shards'])} shards ({a.num_samples} captioned images), {info['sft']} SFT "
           f"conversations, {info['text']} text docs, tokenizer ({info['tokenizer_len']} tokens) to {a.out}",

@@ -65,7 +65,7 @@ class PackConfig:
 
     def __post_init__(self):  # named at once, not after the first shard has been read
         for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
-                              ("sft_template", ("chatml", "original"))):
+                              ("sft_template", ("chatml", "original", "plain"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
                                                   "seq_len // (image_tokens + 3))")
     g.add_argument("--max-samples-per-row", type=int,
                    help="per-row sample cap; keep it <= model.max_segments with attention: cudnn")
-    g.add_argument("--sft-template", choices=("chatml", "original"))
+    g.add_argument("--sft-template", choices=("chatml", "original", "plain"))
     g.add_argument("--image-root", help="SFT: base folder for relative image paths")
     g.add_argument("--packing", choices=("ffd", "none"), help="none: one sample per row (unpacked SFT batches)")
     g.add_argument("--window", type=int, help="input shards packed together (default 1)")

@@ -5,8 +5,10 @@ Layout rules (docs/original_system.md §3-4), with each image expanded at pack t
 
 * caption: ``[<s>] + K×img + tok("\\n" + caption) + [<|im_end|>]``; literal ``<image>`` inside a caption
   becomes ``<image-placeholder>``. Loss on every text token (incl. ``<s>`` and ``<|im_end|>``).
-* SFT: ChatML by default, or the original's quirky builder (``template="original"``). Loss only on
-  assistant turns, incl. their ``<|im_end|>`` and trailing ``"\\n"``. ``<image>`` marks image slots.
+* SFT: ChatML by default, or the original's quirky builder (``template="original"``), or ``"plain"``:
+  ``[<s>] + user + " " + answer + "<|im_end|>\\n"`` per turn, no chat scaffolding, i.e. the raw prompt the
+  evaluation harness sends (``...\\nAnswer:``) followed by the answer. Loss only on assistant turns,
+  incl. their ``<|im_end|>`` and trailing ``"\\n"``. ``<image>`` marks image slots.
 * text: ``[<s>] + tok(doc) + [<|im_end|>]``, loss on all.
 
 ``loss_mask[t] = 1`` means token ``t`` is a prediction target (the trainer applies it to the label side
@@ -25,7 +27,7 @@ import numpy as np
 from oq2vl_jax.data.tokenizer import IMAGE_TAG, special_ids
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
-SFT_TEMPLATES = ("chatml", "original")
+SFT_TEMPLATES = ("chatml", "original", "plain")
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -119,8 +121,8 @@ class SampleBuilder:
                 raise SampleError("bad_conversation", f"turn {i} is not {{'from', 'value': str}}")
             role = turn.get("from")
             want = _USER_ROLES if i % 2 == 0 else _ASSISTANT_ROLES
-            # The original decides roles by parity only; the ChatML path refuses inconsistent data.
-            if self.sft_template == "chatml" and role not in want:
+            # The original decides roles by parity only; the other templates refuse inconsistent data.
+            if self.sft_template != "original" and role not in want:
                 raise SampleError("bad_conversation", f"turn {i} has role {role!r}, expected {want}")
             msgs.append(turn["value"].strip())
         if len(msgs) < 2:
@@ -133,6 +135,10 @@ class SampleBuilder:
             for i, m in enumerate(msgs):
                 texts.append((f"<|im_start|>user\n{m}<|im_end|>\n<|im_start|>assistant\n", 0) if i % 2 == 0
                              else (f"{m}<|im_end|>\n", 1))
+        elif self.sft_template == "plain":  # the eval's raw prompt, then the answer (no system prompt)
+            texts = [("<s>", 0)]
+            for i, m in enumerate(msgs):
+                texts.append((m, 0) if i % 2 == 0 else (f" {m}<|im_end|>\n", 1))
         else:  # the original Qwen2PromptBuilder, quirks included (docs/original_system.md §4)
             texts = []
             for i, m in enumerate(msgs):

@@ -19,10 +19,7 @@ import sys
 
 import numpy as np
 
-from oq2vl_jax.data.demo import COLOURS, SHAPES, _scene, draw
-
-VQA_QUESTIONS = (("What shape is in the image?", 0), ("What colour is the shape?", 1),
-                 ("What colour is the background?", 2))
+from oq2vl_jax.data.demo import VQA_QUESTIONS, _scene, draw, mc_question
 
 
 def write_demo_benchmark(out: str, num: int = 64, seed: int = 1, image_size: int = 64) -> dict:
@@ -38,16 +35,8 @@ def write_demo_benchmark(out: str, num: int = 64, seed: int = 1, image_size: int
     mc, vqa, train = [], [], []
     for i in range(num):
         path, (shape, fg, bg) = image(f"q{i:05d}.png")
-        if i % 2 == 0:
-            options = list(SHAPES)
-            question, answer = "What shape is in the image?", shape
-        else:
-            others = [c for c in COLOURS if c != fg]
-            options = [fg] + [others[j] for j in rng.choice(len(others), 3, replace=False)]
-            question, answer = "What colour is the shape?", fg
-        options = [options[j] for j in rng.permutation(len(options))]
-        mc.append({"id": f"mc-{i}", "image": path, "question": question, "options": options,
-                   "answer": "ABCD"[options.index(answer)]})
+        question, options, letter = mc_question(i, (shape, fg, bg), rng)
+        mc.append({"id": f"mc-{i}", "image": path, "question": question, "options": options, "answer": letter})
         q, k = VQA_QUESTIONS[i % 3]
         vqa.append({"id": f"vqa-{i}", "image": path, "question": q, "answers": [(shape, fg, bg)[k]] * 10})
     for i in range(max(16, num // 4)):
