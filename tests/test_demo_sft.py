@@ -102,3 +102,30 @@ def test_sft_from_a_missing_shard_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "oq2vl_jax.data.demo", "--sft-from", str(tmp_path / "{0..1}.tar"),
                           "--out", str(tmp_path / "qa")], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == f"error: --sft-from: no such shard {tmp_path / '0.tar'}"
+
+
+def _readme_commands(marker):
+    """The `python -m oq2vl_jax.` lines of the README's bash block that contains `marker`."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        block = next(b for b in re.findall(r"```bash\n(.*?)```", f.read(), re.S) if marker in b)
+    cmds = re.split(r"\n|&&", block.replace("\\\n", " "))  # continuation lines joined first
+    return [" ".join(c.split()) for c in cmds if c.strip().startswith("python -m oq2vl_jax.")]
+
+
+@pytest.mark.slow
+def test_readme_demo_sft_model_beats_chance_on_demo_vqa(tmp_path):
+    """The README's quick start, then its demo SFT and evaluation block, as written (minutes on a CPU)."""
+    import shutil
+
+    shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    job = _readme_commands("python -m oq2vl_jax.data.demo --out demo") + _readme_commands("tiny_sft.yaml")
+    for cmd in job:
+        out = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, (cmd, out.stderr[-3000:])
+    vqa = next(c for c in job if "--benchmark demo-vqa" in c and "--shots" not in c)
+    with open(tmp_path / vqa.split("--out ")[1].split()[0] / "metrics.json") as f:
+        metrics = json.load(f)
+    # 64 questions whose answers are one of 4 shapes or 8 colours (chance 1/6): P(>= 20 right) < 0.2%.
+    assert metrics["n"] == 64 and metrics["accuracy"] >= 20 / 64, metrics
