@@ -41,6 +41,16 @@ class DataConfig:
     # "uint8": workers hand over raw pixels and the model normalises them on the device (4x less to
     # copy between processes and to the GPU); "float32": normalised to [-1, 1] in the workers.
     image_dtype: Literal["float32", "uint8"] = "float32"
+    # unpacked_sft batch order: "shuffle" (uniform) or "modality_length" (the original's
+    # SplitModalitySampler: each global batch one modality, rows grouped by length per data shard).
+    sampler: Literal["shuffle", "modality_length"] = "shuffle"
+    # Pack-time fidelity switches (the same as pack's flags; README "Fidelity"). Defaults are the
+    # corrected behaviour; the other values reproduce the original.
+    image_strategy: Literal["squash", "letterbox", "resize-crop"] = "squash"
+    alpha: Literal["white", "drop"] = "white"
+    pre_squash: Literal["none", "lanczos"] = "none"
+    pad_as_target: bool = False
+    original_image_offset: bool = False
 
     def __post_init__(self):
         if self.global_batch_size < 1 or self.seq_len < 2 or self.max_images < 0:

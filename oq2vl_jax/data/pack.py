@@ -37,7 +37,8 @@ import numpy as np
 
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.ffd import first_fit_decreasing
-from oq2vl_jax.data.records import assemble_row, encode_row
+from oq2vl_jax.data import transforms
+from oq2vl_jax.data.records import assemble_row, encode_row, fill_slack_as_target
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
 MODES = ("caption", "sft", "text")
@@ -63,6 +64,12 @@ class PackConfig:
     # Cut samples longer than seq_len to seq_len (the original truncated rows to 4096) instead of
     # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
     truncate: bool = False
+    # Fidelity switches (docs/fidelity.md); the defaults are the corrected behaviour.
+    image_strategy: str = "squash"  # squash | letterbox | resize-crop (prismatic's resize strategies)
+    alpha: str = "white"  # white: composite transparency on white; drop: PIL convert("RGB") (original)
+    pre_squash: str = "none"  # lanczos: the original pickle packer's LANCZOS resize first
+    pad_as_target: bool = False  # the pickle path's <|pad|> filling each row's slack, trained on
+    original_image_offset: bool = False  # SFT: drop the token after <image> as tokenizer_image_token
 
     def __post_init__(self):  # named at once, not after the first shard has been read
         for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
@@ -76,6 +83,11 @@ class PackConfig:
                 raise ValueError(f"{name} must be >= {low}, got {v}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        transforms.check(self.image_strategy, self.alpha, self.pre_squash)
+        if self.pad_as_target and self.packing != "ffd":
+            raise ValueError("pad_as_target needs packing='ffd' (the slack is one more segment of the row)")
+        if self.pad_as_target and self.max_samples is not None and self.max_samples < 2:
+            raise ValueError("pad_as_target needs max_samples >= 2 (the slack takes one segment)")
 
     def resolved_max_images(self) -> int:
         if self.mode == "text":
@@ -141,11 +153,19 @@ _BUILDERS: dict = {}
 
 
 def _builder(cfg: PackConfig) -> SampleBuilder:
-    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template)
+    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset, cfg.pad_as_target)
     if key not in _BUILDERS:  # one tokenizer load per worker process
-        from oq2vl_jax.data.tokenizer import load_tokenizer
-        _BUILDERS[key] = SampleBuilder(load_tokenizer(cfg.tokenizer), cfg.image_tokens, cfg.sft_template)
+        from oq2vl_jax.data.tokenizer import add_pkl_pad, load_tokenizer
+        tok = load_tokenizer(cfg.tokenizer)
+        b = SampleBuilder(tok, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset)
+        b.slack_id = add_pkl_pad(tok) if cfg.pad_as_target else None
+        _BUILDERS[key] = b
     return _BUILDERS[key]
+
+
+def _image(cfg: PackConfig, data: bytes) -> bytes:
+    return readers.prepare_image(data, cfg.image_size, cfg.image_format, cfg.jpeg_quality,
+                                 cfg.image_strategy, cfg.alpha, cfg.pre_squash)
 
 
 def _truncate(cfg: PackConfig, tokens: Tokens, image_token_id: int) -> Tokens:
@@ -180,8 +200,7 @@ def _iter_samples(cfg: PackConfig, path: str):
             try:
                 image, caption = readers.caption_from_files(files)
                 tokens = _fit(cfg, b, b.caption(caption))
-                yield key, tokens, [readers.prepare_image(image, cfg.image_size, cfg.image_format,
-                                                          cfg.jpeg_quality)]
+                yield key, tokens, [_image(cfg, image)]
             except SampleError as e:
                 yield key, e
         return err
@@ -223,7 +242,7 @@ def _iter_samples(cfg: PackConfig, path: str):
                         data = f.read()
                 except OSError as e:
                     raise SampleError("missing_image", f"{rel}: {e}") from None
-                images.append(readers.prepare_image(data, cfg.image_size, cfg.image_format, cfg.jpeg_quality))
+                images.append(_image(cfg, data))
             yield key, tokens, images
         except SampleError as e:
             yield key, e
@@ -274,14 +293,15 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
 
     lengths = [len(t.input_ids) for _, t, _ in kept]
     if cfg.packing == "ffd":
+        max_items = cfg.max_samples - 1 if cfg.pad_as_target and cfg.max_samples else cfg.max_samples
         bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
-                                    cfg.resolved_max_images(), max_items=cfg.max_samples)
+                                    cfg.resolved_max_images(), max_items=max_items)
     else:
         bins = [[i] for i in range(len(kept))]
 
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    pad_id = _builder(cfg).ids.pad
+    pad_id, slack_id = _builder(cfg).ids.pad, _builder(cfg).slack_id
     tmp = f"{rows_path}.tmp-{os.getpid()}"
     max_img_row = max_seg_row = 0
     if bins:
@@ -289,9 +309,11 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         for b in bins:
             row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
                                cfg.seq_len, pad_id)
+            if slack_id is not None:
+                row = fill_slack_as_target(row, slack_id)
             writer.write(encode_row(row))
             max_img_row = max(max_img_row, len(row["image_segment_ids"]))
-            max_seg_row = max(max_seg_row, len(b))
+            max_seg_row = max(max_seg_row, int(row["segment_ids"].max(initial=0)))
         writer.close()
         os.replace(tmp, rows_path)
     elif os.path.exists(rows_path):
@@ -433,6 +455,17 @@ def main(argv=None) -> int:
     p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
+    f = p.add_argument_group("fidelity switches (defaults: corrected behaviour; see README 'Fidelity')")
+    f.add_argument("--image-strategy", choices=transforms.STRATEGIES, default="squash",
+                   help="squash (the original's resize-naive), letterbox (mean-colour padding), resize-crop")
+    f.add_argument("--alpha", choices=transforms.ALPHA, default="white",
+                   help="white: composite transparency on white; drop: PIL convert('RGB') as the original")
+    f.add_argument("--pre-squash", choices=transforms.PRE_SQUASH, default="none",
+                   help="lanczos: the original pickle packer's LANCZOS resize of images over image-size")
+    f.add_argument("--pad-as-target", action="store_true",
+                   help="fill each row's slack with <|pad|> tokens trained on, as the original pickle path")
+    f.add_argument("--original-image-offset", action="store_true",
+                   help="SFT: drop the token after <image> in a turn starting with <s> (tokenizer_image_token)")
     a = p.parse_args(argv)
     if a.window < 1:
         p.error(f"--window must be >= 1, got {a.window}")
@@ -441,7 +474,9 @@ def main(argv=None) -> int:
                          image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
                          jpeg_quality=a.jpeg_quality, max_images=a.max_images,
                          max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
+                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate,
+                         image_strategy=a.image_strategy, alpha=a.alpha, pre_squash=a.pre_squash,
+                         pad_as_target=a.pad_as_target, original_image_offset=a.original_image_offset)
     except ValueError as e:
         p.error(str(e))
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,

@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 
-from oq2vl_jax.data.images import squash
+from oq2vl_jax.data import transforms
 from oq2vl_jax.data.samples import SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -184,13 +184,15 @@ def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, o
     return out, None
 
 
-def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95) -> bytes:
-    """Decodes, converts to RGB, squashes to size×size (PIL bicubic, spec §1 'resize-naive'), re-encodes."""
+def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95, strategy: str = "squash",
+                  alpha: str = "white", pre_squash: str = "none") -> bytes:
+    """Decodes, makes RGB and size×size (transforms.to_square: squash by default, the original's
+    'resize-naive'), re-encodes."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = squash(im, size)
+            im = transforms.to_square(im, size, strategy, alpha, pre_squash)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
     out = io.BytesIO()

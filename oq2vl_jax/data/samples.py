@@ -12,8 +12,9 @@ Layout rules (spec §3-4), with each image expanded at pack time into ``image_to
 ``loss_mask[t] = 1`` means token ``t`` is a prediction target (the trainer applies it to the label side
 of its shifted cross-entropy). Image slots and padding are never targets.
 
-Not reproduced: the original's ``tokenizer_image_token`` offset bug (spec §3), which drops the first
-token after each ``<image>`` in SFT; we keep that token.
+The original's ``tokenizer_image_token`` offset bug (a turn whose text starts with ``<s>`` loses the
+first token after each ``<image>``: in SFT the ``"\n"`` of ``"<image>\n"``) is off by default (we keep
+that token) and reproduced with ``original_image_offset=True``.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class Tokens:
 class SampleBuilder:
     """Turns text into ``Tokens`` with a prepared tokenizer (see tokenizer.load_tokenizer)."""
 
-    def __init__(self, tokenizer, image_tokens: int, sft_template: str = "chatml"):
+    def __init__(self, tokenizer, image_tokens: int, sft_template: str = "chatml",
+                 original_image_offset: bool = False):
         if image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
         if sft_template not in SFT_TEMPLATES:
@@ -58,6 +60,7 @@ class SampleBuilder:
         self.ids = special_ids(tokenizer)
         self.image_tokens = image_tokens
         self.sft_template = sft_template
+        self.original_image_offset = original_image_offset
 
     # -- pieces ---------------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -75,13 +78,22 @@ class SampleBuilder:
         return ids
 
     def _encode_with_images(self, text: str) -> tuple[list[int], int]:
-        """Tokenizes ``text``, replacing each ``<image>`` by K image-pad ids (text chunks separately)."""
+        """Tokenizes ``text``, replacing each ``<image>`` by K image-pad ids (text chunks separately).
+
+        With ``original_image_offset``, a text whose first token is ``<s>`` loses the first token of
+        every chunk after an image, as the original's ``tokenizer_image_token`` (LLaVA's Llama logic,
+        where every chunk began with a BOS it meant to skip)."""
         chunks = text.split(IMAGE_TAG)
         out: list[int] = []
+        skip = 0
         for i, chunk in enumerate(chunks):
+            ids = self._encode_text(chunk)
+            if i == 0 and self.original_image_offset and ids[:1] == [self.ids.bos]:
+                skip = 1
             if i:
                 out.extend([self.ids.image] * self.image_tokens)
-            out.extend(self._encode_text(chunk))
+                ids = ids[skip:]
+            out.extend(ids)
         return out, len(chunks) - 1
 
     @staticmethod

@@ -87,6 +87,20 @@ def load_tokenizer(path: str):
     return tok
 
 
+# The original pickle packer's pad token: added after <|endofchunk|> and <s>, so 151666 in Qwen2.5, and
+# trained on as a target (the trainer only ignored <|endoftext|>). Only added when that is reproduced.
+PKL_PAD = "<|pad|>"
+
+
+def add_pkl_pad(tok) -> int:
+    """Adds the original packer's ``<|pad|>`` special token (if missing) and returns its id."""
+    from tokenizers import AddedToken
+
+    if _token_id(tok, PKL_PAD) is None:
+        tok.add_tokens([AddedToken(PKL_PAD, special=True, normalized=False)], special_tokens=True)
+    return _token_id(tok, PKL_PAD)
+
+
 def special_ids(tok) -> SpecialIds:
     return SpecialIds(bos=_token_id(tok, BOS), eos=_token_id(tok, EOS), pad=_token_id(tok, PAD),
                       image=_token_id(tok, IMAGE_PAD), vocab_len=len(tok))
