@@ -1,4 +1,4 @@
-"""Packs captions / SFT conversations / text into fixed-length multimodal rows (ArrayRecord).
+"""Packs captions / SFT conversations / text / interleaved documents into fixed-length multimodal rows (ArrayRecord).
 
     python -m oq2vl_jax.data.pack --input 'shards/{00000..00099}.tar' --tokenizer DIR --out DIR \\
         --mode caption --seq-len 4096 --image-tokens 144 [--workers N]
@@ -41,7 +41,9 @@ from oq2vl_jax.data import transforms
 from oq2vl_jax.data.records import assemble_row, encode_row, fill_slack_as_target
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
-MODES = ("caption", "sft", "text")
+MODES = ("caption", "sft", "text", "interleaved")
+# The original's packer drops interleaved documents with 10 or more images.
+MAX_DOC_IMAGES = 9
 STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
 
 
@@ -204,6 +206,8 @@ def _iter_samples(cfg: PackConfig, path: str):
             except SampleError as e:
                 yield key, e
         return err
+    if cfg.mode == "interleaved":
+        return (yield from _iter_interleaved(cfg, b, path))
     if cfg.mode == "text":
         raw, err = readers.read_text_docs(path, cfg.text_key)
         for key, doc in raw:
@@ -244,6 +248,30 @@ def _iter_samples(cfg: PackConfig, path: str):
                     raise SampleError("missing_image", f"{rel}: {e}") from None
                 images.append(_image(cfg, data))
             yield key, tokens, images
+        except SampleError as e:
+            yield key, e
+    return err
+
+
+def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
+    """OBELICS-style documents: WebDataset tars of {key}.json, or .jsonl / .json lists of records."""
+    if path.lower().endswith((".jsonl", ".json")):
+        raw, err = readers.read_json_records(path)
+    else:
+        raw, err = readers.read_tar(path)
+    for key, entry in raw:
+        try:
+            if isinstance(entry, SampleError):
+                raise entry
+            if not path.lower().endswith((".jsonl", ".json")):  # tar members {ext: bytes}
+                if "json" not in entry:
+                    raise SampleError("missing_json")
+                entry = readers._json_or_error(entry["json"])
+            parts, images = readers.interleaved_from_record(entry)
+            if len(images) > MAX_DOC_IMAGES:
+                raise SampleError("too_many_images", f"{len(images)} images in the document > {MAX_DOC_IMAGES}")
+            tokens = _fit(cfg, b, b.interleaved(parts))
+            yield key, tokens, [_image(cfg, d) for d in images[:tokens.num_images]]
         except SampleError as e:
             yield key, e
     return err
@@ -435,7 +463,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=MODES, default="caption",
-                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/json/txt documents")
+                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/json/txt documents; "
+                        "interleaved: OBELICS-style documents (tars of {key}.json, or jsonl) with "
+                        "<|endofchunk|> after each text chunk")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--image-tokens", type=int, default=144, help="image slots per image (144 or 729)")
     p.add_argument("--image-size", type=int, default=384, help="stored images are size×size")

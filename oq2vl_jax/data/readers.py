@@ -110,6 +110,44 @@ def caption_from_files(files: dict[str, bytes]) -> tuple[bytes, str]:
     return image, _utf8(raw)
 
 
+def interleaved_from_record(doc) -> tuple[list, list[bytes]]:
+    """An OBELICS-style record ({"texts": [str | None], "image_info": [{"image_base64": ...} | None]},
+    one entry per document position) -> (parts: text str or None for an image, image bytes in order).
+
+    As the original: a position without image data is a text position; images of width or height 1
+    are dropped with their position. Raises SampleError for malformed records and undecodable images."""
+    import base64
+    import binascii
+
+    from PIL import Image
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("texts"), list):
+        raise SampleError("bad_json", "interleaved record needs a 'texts' list")
+    texts, infos = doc["texts"], doc.get("image_info")
+    if not isinstance(infos, list) or len(infos) != len(texts):
+        raise SampleError("bad_json", "'image_info' must be a list as long as 'texts'")
+    parts, images = [], []
+    for text, info in zip(texts, infos):
+        if isinstance(info, dict) and info.get("image_base64"):
+            try:
+                data = base64.b64decode(info["image_base64"], validate=True)
+                with Image.open(io.BytesIO(data)) as im:
+                    size = im.size
+            except (binascii.Error, ValueError, TypeError) as e:
+                raise SampleError("corrupt_image", f"bad base64: {e}") from None
+            except Exception as e:  # PIL raises many types
+                raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+            if 1 in size:
+                continue
+            parts.append(None)
+            images.append(data)
+        elif isinstance(text, str):
+            parts.append(text)
+        elif text is not None:
+            raise SampleError("bad_json", f"text entry is {type(text).__name__}, not a string")
+    return parts, images
+
+
 def _utf8(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")

@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from oq2vl_jax.data.tokenizer import IMAGE_TAG, special_ids
+from oq2vl_jax.data.tokenizer import END_OF_CHUNK, IMAGE_TAG, special_ids
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 SFT_TEMPLATES = ("chatml", "original")
@@ -117,6 +117,27 @@ class SampleBuilder:
             raise SampleError("empty_text")
         ids = [self.ids.bos] + self._encode_text(doc) + [self.ids.eos]
         return Tokens(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), 0)
+
+    def interleaved(self, parts: list) -> Tokens:
+        """OBELICS-style document: text chunks (str) and images (None) in document order.
+
+        As the original's packer: an image is ``"<image>\n"``, a text chunk is followed by
+        ``<|endofchunk|>``, literal ``<image>`` in text becomes ``<image-placeholder>``, ``<s>`` first and
+        ``<|im_end|>`` last; loss on every text token. Images after the last text chunk are dropped
+        (the original meant to; its check looked for a trailing placeholder, which the "\n" after
+        each image hides), and ``num_images`` counts the images kept, which are the first ones.
+        """
+        parts = list(parts)
+        while parts and parts[-1] is None:
+            parts.pop()
+        if not any(p is None for p in parts):
+            raise SampleError("no_image", "no image before the document's last text chunk")
+        text = "".join(IMAGE_TAG + "\n" if p is None else p.replace(IMAGE_TAG, "<image-placeholder>") + END_OF_CHUNK
+                       for p in parts)
+        body, n_img = self._encode_with_images(text)
+        ids = ([] if body[:1] == [self.ids.bos] else [self.ids.bos]) + body + [self.ids.eos]
+        ids = np.asarray(ids, np.int32)
+        return Tokens(ids, (ids != self.ids.image).astype(np.uint8), n_img)
 
     def conversation(self, turns: list[dict]) -> Tokens:
         """LLaVA ``conversations`` ([{"from": "human"|"gpt", "value": str}, ...]) → tokens."""
