@@ -55,6 +55,8 @@ class DataConfig:
     def __post_init__(self):
         if self.global_batch_size < 1 or self.seq_len < 2 or self.max_images < 0:
             raise ValueError("global_batch_size >= 1, seq_len >= 2 and max_images >= 0 are required")
+        if self.sampler == "modality_length" and self.mode != "unpacked_sft":
+            raise ValueError("sampler: modality_length orders unpacked SFT rows; it needs mode: unpacked_sft")
 
 
 @dataclasses.dataclass(frozen=True)

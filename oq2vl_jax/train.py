@@ -83,7 +83,7 @@ def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
         sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
         max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
         num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode, image_dtype=cfg.data.image_dtype,
-        image_tokens=cfg.model.image_tokens,
+        image_tokens=cfg.model.image_tokens, sampler=cfg.data.sampler, group_rows=cfg.train.loss_group_rows,
     )
 
 

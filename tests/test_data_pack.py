@@ -258,6 +258,11 @@ def test_odd_json_and_image_fields_are_skipped_not_crashes(demo, tmp_path):
            {"conversations": conv("What? \ud83d")}]
     (tmp_path / "s.json").write_text(json.dumps(sft))
     st = pack.run(_cfg(demo, tmp_path / "s", mode="sft"), [str(tmp_path / "s.json")], log=lambda m: None)
+    # A .json list is parsed incrementally (ijson's C parser), which reads a lone surrogate escape as
+    # "?": that conversation is packed; in .jsonl (json.loads per line) it is skipped as bad_utf8.
+    assert st["samples_packed"] == 2 and st["skipped"] == {"bad_image_field": 3}
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(x) for x in sft))
+    st = pack.run(_cfg(demo, tmp_path / "sl", mode="sft"), [str(tmp_path / "s.jsonl")], log=lambda m: None)
     assert st["samples_packed"] == 1 and st["skipped"] == {"bad_image_field": 3, "bad_utf8": 1}
 
 

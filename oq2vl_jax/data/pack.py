@@ -24,6 +24,7 @@ Every input sample is either packed into exactly one row or counted in ``skipped
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import dataclasses
 import hashlib
@@ -44,6 +45,8 @@ from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_ima
 MODES = ("caption", "sft", "text", "interleaved")
 # The original's packer drops interleaved documents with 10 or more images.
 MAX_DOC_IMAGES = 9
+# Beside each unit's rows: int32 [rows, 2] = (real tokens, images) per row, in row order.
+ROW_INFO = ".rowinfo.npy"
 STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
 
 
@@ -72,6 +75,9 @@ class PackConfig:
     pre_squash: str = "none"  # lanczos: the original pickle packer's LANCZOS resize first
     pad_as_target: bool = False  # the pickle path's <|pad|> filling each row's slack, trained on
     original_image_offset: bool = False  # SFT: drop the token after <image> as tokenizer_image_token
+    # FFD runs over at most this many samples at a time (bounds memory for one huge input file, e.g.
+    # a 10M-conversation SFT json); a shard under it is packed whole, as the original.
+    max_samples_in_memory: int = 50_000
 
     def __post_init__(self):  # named at once, not after the first shard has been read
         for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
@@ -79,7 +85,7 @@ class PackConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
-                          ("max_samples", 1)):
+                          ("max_samples", 1), ("max_samples_in_memory", 1)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be >= {low}, got {v}")
@@ -219,9 +225,9 @@ def _iter_samples(cfg: PackConfig, path: str):
             except SampleError as e:
                 yield key, e
         return err
-    raw, err = readers.read_json_records(path)
+    errors: list = []
     root = cfg.image_root or os.path.dirname(os.path.abspath(path))
-    for key, entry in raw:
+    for key, entry in readers.iter_json_records(path, errors):
         try:
             if isinstance(entry, SampleError):
                 raise entry
@@ -250,15 +256,17 @@ def _iter_samples(cfg: PackConfig, path: str):
             yield key, tokens, images
         except SampleError as e:
             yield key, e
-    return err
+    return errors[0] if errors else None
 
 
 def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
     """OBELICS-style documents: WebDataset tars of {key}.json, or .jsonl / .json lists of records."""
+    errors: list = []
     if path.lower().endswith((".jsonl", ".json")):
-        raw, err = readers.read_json_records(path)
+        raw = readers.iter_json_records(path, errors)
     else:
         raw, err = readers.read_tar(path)
+        errors += [err] if err else []
     for key, entry in raw:
         try:
             if isinstance(entry, SampleError):
@@ -274,12 +282,13 @@ def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
             yield key, tokens, [_image(cfg, d) for d in images[:tokens.num_images]]
         except SampleError as e:
             yield key, e
-    return err
+    return errors[0] if errors else None
 
 
 def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     """Builds, packs and writes one unit; returns its stats (reused from disk if already done)."""
     rows_path = os.path.join(cfg.out, unit.name + ".array_record")
+    info_path = os.path.join(cfg.out, unit.name + ROW_INFO)
     stats_path = os.path.join(cfg.out, unit.name + ".stats.json")
     fingerprint = cfg.fingerprint()
     inputs_sig = _input_signature(unit.inputs)
@@ -292,7 +301,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         rows_size = os.path.getsize(rows_path) if os.path.exists(rows_path) else 0
         if (isinstance(done, dict) and done.get("complete") and done.get("config") == fingerprint
                 and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size
-                and (done.get("rows") == 0 or os.path.exists(rows_path))):
+                and (done.get("rows") == 0 or (os.path.exists(rows_path) and os.path.exists(info_path)))):
             done["reused"] = True
             return done
         # Not reusable: drop the marker before touching the rows, so a run killed between writing new
@@ -300,9 +309,43 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         os.remove(stats_path)
     _invalidate_summary(cfg.out)  # this unit changes OUT
 
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     skipped = collections.Counter()
     skipped_keys, shard_errors, kept = [], {}, []
-    samples_in = 0
+    pad_id, slack_id = _builder(cfg).ids.pad, _builder(cfg).slack_id
+    tmp = f"{rows_path}.tmp-{os.getpid()}"
+    tally = collections.Counter()  # samples_in, samples_packed, rows, real_tokens, images, truncated
+    writer, max_img_row, max_seg_row = None, 0, 0
+    row_info = array.array("i")  # per row: real tokens, images (the length-grouped sampler's input)
+
+    def flush():
+        """Packs and writes the samples held so far, then forgets them: memory stays bounded by
+        cfg.max_samples_in_memory however large one input file is (FFD runs per batch of samples)."""
+        nonlocal writer, max_img_row, max_seg_row
+        lengths = [len(t.input_ids) for _, t, _ in kept]
+        if cfg.packing == "ffd":
+            max_items = cfg.max_samples - 1 if cfg.pad_as_target and cfg.max_samples else cfg.max_samples
+            bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
+                                        cfg.resolved_max_images(), max_items=max_items)
+        else:
+            bins = [[i] for i in range(len(kept))]
+        if bins and writer is None:
+            writer = ArrayRecordWriter(tmp, "group_size:1")
+        for b in bins:
+            row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
+                               cfg.seq_len, pad_id)
+            if slack_id is not None:
+                row = fill_slack_as_target(row, slack_id)
+            writer.write(encode_row(row))
+            max_img_row = max(max_img_row, len(row["image_segment_ids"]))
+            max_seg_row = max(max_seg_row, int(row["segment_ids"].max(initial=0)))
+            row_info.extend((int(sum(lengths[i] for i in b)), len(row["image_segment_ids"])))
+        tally.update(samples_packed=len(kept), rows=len(bins), real_tokens=int(sum(lengths)),
+                     images=int(sum(t.num_images for _, t, _ in kept)),
+                     truncated=sum(t.truncated for _, t, _ in kept))
+        kept.clear()
+
     for path in unit.inputs:
         gen = _iter_samples(cfg, path)
         while True:
@@ -312,50 +355,34 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
                 if stop.value:
                     shard_errors[path] = stop.value
                 break
-            samples_in += 1
+            tally["samples_in"] += 1
             if isinstance(item[1], SampleError):
                 skipped[item[1].reason] += 1
                 skipped_keys.append([item[0], item[1].reason])
             else:
                 kept.append(item)
-
-    lengths = [len(t.input_ids) for _, t, _ in kept]
-    if cfg.packing == "ffd":
-        max_items = cfg.max_samples - 1 if cfg.pad_as_target and cfg.max_samples else cfg.max_samples
-        bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
-                                    cfg.resolved_max_images(), max_items=max_items)
-    else:
-        bins = [[i] for i in range(len(kept))]
-
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    pad_id, slack_id = _builder(cfg).ids.pad, _builder(cfg).slack_id
-    tmp = f"{rows_path}.tmp-{os.getpid()}"
-    max_img_row = max_seg_row = 0
-    if bins:
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        for b in bins:
-            row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
-                               cfg.seq_len, pad_id)
-            if slack_id is not None:
-                row = fill_slack_as_target(row, slack_id)
-            writer.write(encode_row(row))
-            max_img_row = max(max_img_row, len(row["image_segment_ids"]))
-            max_seg_row = max(max_seg_row, int(row["segment_ids"].max(initial=0)))
+                if len(kept) >= cfg.max_samples_in_memory:
+                    flush()
+    flush()
+    if writer is not None:
         writer.close()
         os.replace(tmp, rows_path)
-    elif os.path.exists(rows_path):
-        os.remove(rows_path)  # stale output from an earlier run with different settings
+        with open(info_path + ".tmp", "wb") as f:
+            np.save(f, np.frombuffer(row_info, np.int32).reshape(-1, 2))
+        os.replace(info_path + ".tmp", info_path)
+    else:
+        for stale in (rows_path, info_path):  # output of an earlier run with different settings
+            if os.path.exists(stale):
+                os.remove(stale)
 
     stats = {
         "name": unit.name, "complete": not shard_errors, "config": fingerprint, "inputs": inputs_sig,
-        "samples_in": samples_in, "samples_packed": len(kept), "skipped": dict(sorted(skipped.items())),
-        "rows": len(bins), "real_tokens": int(sum(lengths)),
-        "images": int(sum(t.num_images for _, t, _ in kept)),
-        "truncated": sum(t.truncated for _, t, _ in kept),
+        "samples_in": tally["samples_in"], "samples_packed": tally["samples_packed"],
+        "skipped": dict(sorted(skipped.items())), "rows": tally["rows"], "real_tokens": tally["real_tokens"],
+        "images": tally["images"], "truncated": tally["truncated"],
         "max_images_in_row": max_img_row, "max_samples_in_row": max_seg_row,
         "shard_errors": shard_errors, "skipped_keys": skipped_keys,
-        "rows_bytes": os.path.getsize(rows_path) if bins else 0,
+        "rows_bytes": os.path.getsize(rows_path) if writer is not None else 0,
     }
     with open(stats_path + ".tmp", "w") as f:
         json.dump(stats, f, indent=1)
@@ -410,7 +437,7 @@ def _remove_stale(out: str, names: set[str], log) -> None:
     """Deletes unit outputs of earlier runs into `out` that this run's units do not include (other
     inputs or another --window); left there, the loader would read their rows as well."""
     for f in sorted(os.listdir(out)):
-        for suffix in (".array_record", ".stats.json"):
+        for suffix in (".array_record", ".stats.json", ROW_INFO):
             if f.endswith(suffix) and f != "stats.json" and f[: -len(suffix)] not in names:
                 _invalidate_summary(out)
                 os.remove(os.path.join(out, f))

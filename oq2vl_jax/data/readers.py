@@ -162,29 +162,59 @@ def _json_or_error(raw: bytes):
         raise SampleError("bad_json", f"{type(e).__name__}: {e}") from None
 
 
-def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
-    """Reads a .json list or a .jsonl file: [(key, entry | SampleError)]. Keys are ``file:index``."""
+def iter_json_records(path: str, errors: list):
+    """Streams a .json list or a .jsonl file: yields (key, entry | SampleError), keys ``file:index``.
+
+    Memory stays bounded whatever the file size: .jsonl is read line by line and a .json list is
+    parsed incrementally (ijson), one sample at a time. A file-level problem (unreadable, not a list,
+    a syntax error part way) ends the stream and is appended to ``errors``; the samples before it
+    were yielded."""
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except OSError as e:
-        return [], f"{type(e).__name__}: {e}"
-    if path.lower().endswith(".jsonl"):
-        out = []
-        for i, line in enumerate(l for l in data.split(b"\n") if l.strip()):
+        errors.append(f"{type(e).__name__}: {e}")
+        return
+    with f:
+        if path.lower().endswith(".jsonl"):
+            i = 0
             try:
-                out.append((f"{name}:{i}", _json_or_error(line)))
-            except SampleError as e:
-                out.append((f"{name}:{i}", e))
-        return out, None
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{name}:{i}", _json_or_error(line)
+                    except SampleError as e:
+                        yield f"{name}:{i}", e
+                    i += 1
+            except OSError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+            return
+        yield from _iter_json_list(f, name, errors)
+
+
+def _iter_json_list(f, name: str, errors: list):
+    import ijson
+
     try:
-        entries = _json_or_error(data)
-    except SampleError as e:
-        return [], f"unreadable json file: {e}"
-    if not isinstance(entries, list):
-        return [], "json file is not a list of samples"
-    return [(f"{name}:{i}", e) for i, e in enumerate(entries)], None
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        if head != b"[":
+            errors.append("json file is not a list of samples" if head else "unreadable json file: empty")
+            return
+        f.seek(f.tell() - 1)
+        for i, entry in enumerate(ijson.items(f, "item", use_float=True)):
+            yield f"{name}:{i}", entry
+    except (ijson.JSONError, ValueError, RecursionError, OSError) as e:  # syntax error part way, bad bytes
+        errors.append(f"unreadable json file: {type(e).__name__}: {e}")
+
+
+def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
+    """iter_json_records, collected: ([(key, entry | SampleError)], file-level error or None)."""
+    errors: list = []
+    out = list(iter_json_records(path, errors))
+    return out, (errors[0] if errors else None)
 
 
 TEXT_EXTS = (".jsonl", ".json", ".txt")

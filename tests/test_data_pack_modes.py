@@ -1,5 +1,6 @@
-"""pack --mode interleaved: OBELICS-style documents laid out as the original's packer does, FFD
-packed, every document accounted for."""
+"""pack --mode interleaved (OBELICS-style documents laid out as the original's packer does, FFD packed,
+every document accounted for) and streamed SFT input (json lists read incrementally, packed in
+bounded batches)."""
 import base64
 import io
 import json
@@ -129,3 +130,47 @@ def test_pack_interleaved_accounts_for_every_document(tok_dir, tok, tmp_path):
             seg = row["input_ids"][row["segment_ids"] == s]
             assert seg[0] == ids.bos and seg[-1] == ids.eos
             assert (seg == ids.image).sum() == K * (row["image_segment_ids"] == s).sum()
+
+
+def _conv(i):
+    return {"id": f"c{i}", "conversations": [{"from": "human", "value": "a red circle " * (1 + i % 5)},
+                                             {"from": "gpt", "value": "a blue background " * (1 + i % 3)}]}
+
+
+def test_sft_json_is_streamed_and_packed_in_bounded_batches(tok_dir, tmp_path):
+    from oq2vl_jax.data import readers
+
+    convs = [_conv(i) for i in range(30)]
+    (tmp_path / "s.json").write_text(json.dumps(convs))
+    base = dict(tokenizer=tok_dir, mode="sft", seq_len=128, image_tokens=K, image_size=8)
+    whole = pack.run(pack.PackConfig(out=str(tmp_path / "a"), **base), [str(tmp_path / "s.json")], log=lambda m: None)
+    part = pack.run(pack.PackConfig(out=str(tmp_path / "b"), max_samples_in_memory=8, **base),
+                    [str(tmp_path / "s.json")], log=lambda m: None)
+    for st in (whole, part):
+        assert st["samples_in"] == st["samples_packed"] == 30 and st["skipped"] == {}
+    assert part["real_tokens"] == whole["real_tokens"] and part["rows"] >= whole["rows"]
+    rows = _rows(str(tmp_path / "b" / "s.array_record"))
+    assert len(rows) == part["rows"] and sum(int(r["segment_ids"].max()) for r in rows) == 30
+    # Each batch of 8 is FFD-packed on its own: the rows are those of FFD over each batch.
+    from oq2vl_jax.data.ffd import first_fit_decreasing
+    b = SampleBuilder(load_tokenizer(tok_dir), K)
+    lengths = [len(b.conversation(c["conversations"]).input_ids) for c in convs]
+    per_batch = [first_fit_decreasing(lengths[i:i + 8], 128, [0] * len(lengths[i:i + 8]), 0)
+                 for i in range(0, 30, 8)]
+    assert part["rows"] == sum(len(bins) for bins in per_batch)
+    assert sorted(int(r["segment_ids"].max()) for r in rows) == sorted(len(x) for bins in per_batch for x in bins)
+
+    # Incremental: a list broken part way yields the samples before the break, then a file error.
+    text = json.dumps(convs)
+    cut = text.index('{"id": "c20"')
+    (tmp_path / "broken.json").write_text(text[:cut] + '{"id": oops}]')
+    errors = []
+    got = [k for k, _ in readers.iter_json_records(str(tmp_path / "broken.json"), errors)]
+    assert got == [f"broken.json:{i}" for i in range(20)] and "unreadable json" in errors[0]
+    st = pack.run(pack.PackConfig(out=str(tmp_path / "c"), **base), [str(tmp_path / "broken.json")],
+                  log=lambda m: None)
+    assert st["samples_packed"] == 20 and list(st["bad_shards"]) == [str(tmp_path / "broken.json")]
+    errors = []
+    (tmp_path / "obj.json").write_text('{"conversations": []}')
+    assert list(readers.iter_json_records(str(tmp_path / "obj.json"), errors)) == []
+    assert errors == ["json file is not a list of samples"]
