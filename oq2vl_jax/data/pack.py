@@ -11,7 +11,8 @@ and a re-run skips every unit whose marker matches the current settings and inpu
 shard-level read error is not marked complete, so a re-run retries it. ``OUT/stats.json`` sums them all.
 
 Images are stored already squashed to image_size×image_size with PIL bicubic (the tower's own
-"resize-naive" transform, spec §1), so the loader only decodes and normalises. Default encoding is JPEG
+"resize-naive" transform, spec §1; --image-strategy letterbox / resize-crop, --alpha and --pre-squash
+select the original's other paths, see transforms.py), so the loader only decodes and normalises. Default encoding is JPEG
 quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real photos offline): a smooth
 image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a worst-case image of
 fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB). Photos should fall in
@@ -69,7 +70,7 @@ class PackConfig:
     # Cut samples longer than seq_len to seq_len (the original truncated rows to 4096) instead of
     # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
     truncate: bool = False
-    # Fidelity switches (docs/fidelity.md); the defaults are the corrected behaviour.
+    # Fidelity switches (README "Fidelity"); the defaults are the corrected behaviour.
     image_strategy: str = "squash"  # squash | letterbox | resize-crop (prismatic's resize strategies)
     alpha: str = "white"  # white: composite transparency on white; drop: PIL convert("RGB") (original)
     pre_squash: str = "none"  # lanczos: the original pickle packer's LANCZOS resize first
@@ -512,6 +513,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
+    p.add_argument("--max-samples-in-memory", type=int, default=50_000,
+                   help="FFD packs at most this many samples at a time (bounds memory for one huge input file)")
     f = p.add_argument_group("fidelity switches (defaults: corrected behaviour; see README 'Fidelity')")
     f.add_argument("--image-strategy", choices=transforms.STRATEGIES, default="squash",
                    help="squash (the original's resize-naive), letterbox (mean-colour padding), resize-crop")
@@ -533,7 +536,8 @@ def main(argv=None) -> int:
                          max_samples=a.max_samples_per_row, sft_template=a.sft_template,
                          image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate,
                          image_strategy=a.image_strategy, alpha=a.alpha, pre_squash=a.pre_squash,
-                         pad_as_target=a.pad_as_target, original_image_offset=a.original_image_offset)
+                         pad_as_target=a.pad_as_target, original_image_offset=a.original_image_offset,
+                         max_samples_in_memory=a.max_samples_in_memory)
     except ValueError as e:
         p.error(str(e))
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,

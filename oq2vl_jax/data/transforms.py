@@ -1,4 +1,4 @@
-"""Image strategies and the original's image quirks, each behind a switch (docs/fidelity.md).
+"""Image strategies and the original's image quirks, each behind a switch (README "Fidelity").
 
 One entry point, ``to_square(im, size, strategy, alpha, pre_squash)``: PIL image in, RGB PIL image of
 size x size out. The defaults are what we consider correct; the other values reproduce the original
