@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize, squash
+from oq2vl_jax.data.images import normalize
 from oq2vl_jax.models.cache import KVCache
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
@@ -267,19 +267,20 @@ class Generator:
 # Prompts, images, tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def load_image(image, size: int) -> np.ndarray:
-    """Inference preprocessing (spec §1 "resize-naive"): RGB, PIL bicubic squash to size x size,
-    (x/255 - 0.5)/0.5. Accepts a path, a PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
+def load_image(image, size: int, strategy: str = "squash", alpha: str = "white") -> np.ndarray:
+    """Inference preprocessing, the packer's (data/transforms.py; default spec §1 "resize-naive"): RGB
+    (transparency on white), PIL bicubic squash to size x size, (x/255 - 0.5)/0.5. Accepts a path, a
+    PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
     from PIL import Image
+
+    from oq2vl_jax.data.transforms import to_square
 
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
-            im = im.convert("RGB")
-    elif isinstance(image, np.ndarray):
-        im = Image.fromarray(image).convert("RGB")
-    else:
-        im = image.convert("RGB")
-    return normalize(np.asarray(squash(im, size)))
+            return normalize(np.asarray(to_square(im, size, strategy, alpha)))
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return normalize(np.asarray(to_square(image, size, strategy, alpha)))
 
 
 def _with_image_tags(prompt: str, n_images: int) -> str:
