@@ -184,7 +184,7 @@ def test_deterministic_rerun_skips_done_and_workers_match(demo, tmp_path):
     logs.clear()
     s3 = pack.run(_cfg(demo, tmp_path / "a", image_format="png"), shards[:1], log=logs.append)
     assert "00000: packed" in logs[0] and s3["image_format"] == "png"
-    assert sum(m.startswith("removed 0000") for m in logs) == 4  # rows + stats of 00001 and 00002
+    assert sum(m.startswith("removed 0000") for m in logs) == 6  # rows, stats, row lengths of 00001, 00002
     assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".array_record")) == ["00000.array_record"]
 
 
