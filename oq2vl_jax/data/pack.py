@@ -347,6 +347,10 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
                      truncated=sum(t.truncated for _, t, _ in kept))
         kept.clear()
 
+    from tqdm import tqdm
+
+    # Per-unit progress (terminals only): one huge input file is one unit and may take hours.
+    bar = tqdm(desc=unit.name, unit=" samples", disable=None, leave=False, mininterval=5)
     for path in unit.inputs:
         gen = _iter_samples(cfg, path)
         while True:
@@ -356,6 +360,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
                 if stop.value:
                     shard_errors[path] = stop.value
                 break
+            bar.update()
             tally["samples_in"] += 1
             if isinstance(item[1], SampleError):
                 skipped[item[1].reason] += 1
@@ -365,6 +370,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
                 if len(kept) >= cfg.max_samples_in_memory:
                     flush()
     flush()
+    bar.close()
     if writer is not None:
         writer.close()
         os.replace(tmp, rows_path)
