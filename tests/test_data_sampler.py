@@ -60,7 +60,7 @@ def test_modality_length_order_equals_the_original_sampler(n, frac_mm, g_bsz, re
     g = torch.Generator()
     g.manual_seed(7)
     ours = modality_length_order([m for m, _ in ml], [x for _, x in ml], g_bsz, replicas,
-                                 lambda k: torch.randperm(k, generator=g).tolist())
+                                 lambda k: torch.randperm(k, generator=g).tolist()).tolist()
     assert ours == reference_order(ml, g_bsz, replicas, seed=7)
     # Every global batch is one modality; every row is used; replica r's contiguous parts are the
     # original's rank-r indices.

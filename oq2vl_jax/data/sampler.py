@@ -15,50 +15,59 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 
-def _deal(batch: list[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
-    """Rows of one length-sorted batch dealt into `parts` equal parts by least total length."""
-    per = len(batch) // parts
-    out: list[list[int]] = [[] for _ in range(parts)]
-    total = [0.0] * parts
-    for i in batch:
-        k = total.index(min(total))
-        out[k].append(i)
-        total[k] += lengths[i]
-        if len(out[k]) == per:
-            total[k] = float("inf")
-    return out
+def _deal(lengths: np.ndarray, parts: int) -> np.ndarray:
+    """Positions of each batch's length-sorted rows ([batches, n], descending) after dealing them into
+    `parts` equal parts: each row goes to the unfilled part with the least total length, the
+    lowest-numbered on ties; a part's rows keep their dealing order. All batches at once."""
+    nb, n = lengths.shape
+    per = n // parts
+    totals = np.zeros((nb, parts), np.float64)
+    counts = np.zeros((nb, parts), np.int64)
+    dest = np.empty((nb, n), np.int64)
+    rows = np.arange(nb)
+    for j in range(n):
+        k = np.argmin(totals, axis=1)  # first minimum: the lowest part on ties
+        dest[:, j] = k * per + counts[rows, k]
+        counts[rows, k] += 1
+        totals[rows, k] += lengths[:, j]
+        totals[rows, k] = np.where(counts[rows, k] == per, np.inf, totals[rows, k])
+    return dest
 
 
-def _batches(rows: list[int], lengths: list[int], gbs: int, parts: int, permute) -> list[list[int]]:
-    if not rows:
-        return []
-    order = [int(i) for i in permute(len(rows))]
-    batches = [order[i:i + gbs] for i in range(0, len(order), gbs)]
-    batches[-1] += batches[0][:gbs - len(batches[-1])]
-    out = []
-    for b in batches:
-        b = sorted(b, key=lambda i: lengths[i], reverse=True)
-        out.append([rows[i] for part in _deal(b, lengths, parts) for i in part])
-    return out
+def _batches(rows: np.ndarray, lengths: np.ndarray, gbs: int, parts: int, permute) -> np.ndarray:
+    """[batches, gbs] row indices of one modality: shuffled, the last batch topped up from the first,
+    each batch sorted by length (descending, stable) and dealt into parts."""
+    if not len(rows):
+        return np.zeros((0, gbs), np.int64)
+    order = np.asarray(permute(len(rows)), np.int64)
+    short = -len(order) % gbs
+    if short:
+        order = np.concatenate([order, order[:short]])
+    batches = order.reshape(-1, gbs)
+    lens = lengths[batches]
+    by_len = np.argsort(-lens, axis=1, kind="stable")
+    batches = np.take_along_axis(batches, by_len, axis=1)
+    dest = _deal(np.take_along_axis(lens, by_len, axis=1), parts)
+    out = np.empty_like(batches)
+    np.put_along_axis(out, dest, batches, axis=1)
+    return rows[out]
 
 
 def modality_length_order(has_image: Sequence[bool], lengths: Sequence[int], global_batch: int, replicas: int,
-                          permute: Callable[[int], Sequence[int]]) -> list[int]:
+                          permute: Callable[[int], Sequence[int]]) -> np.ndarray:
     """One epoch's row order; its length is a multiple of global_batch. `permute(n)` returns a random
     permutation of range(n) and is called three times, in the original's order (image rows, text
     rows, batches)."""
     if global_batch % replicas:
         raise ValueError(f"global batch {global_batch} is not a multiple of {replicas} replicas")
-    mm = [i for i, m in enumerate(has_image) if m]
-    uni = [i for i, m in enumerate(has_image) if not m]
-    mm_len, uni_len = [lengths[i] for i in mm], [lengths[i] for i in uni]
-    mm_b = _batches(mm, mm_len, global_batch, replicas, permute)
-    uni_b = _batches(uni, uni_len, global_batch, replicas, permute)
-    merged = mm_b + uni_b
-    batches = [merged[int(i)] for i in permute(len(merged))]
-    longest = int(np.argmax([max(lengths[i] for i in b) for b in batches]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return [i for b in batches for i in b]
+    has_image, lengths = np.asarray(has_image, bool), np.asarray(lengths, np.int64)
+    mm, uni = np.flatnonzero(has_image), np.flatnonzero(~has_image)
+    merged = np.concatenate([_batches(mm, lengths[mm], global_batch, replicas, permute),
+                             _batches(uni, lengths[uni], global_batch, replicas, permute)])
+    batches = merged[np.asarray(permute(len(merged)), np.int64)]
+    longest = int(np.argmax(lengths[batches].max(axis=1)))
+    batches[[0, longest]] = batches[[longest, 0]]
+    return batches.ravel()
 
 
 class EpochOrder:
@@ -71,16 +80,16 @@ class EpochOrder:
         self._epoch, self._order = -1, None
         self.epoch_len = len(self._for(0))
 
-    def _for(self, epoch: int) -> list[int]:
+    def _for(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             rng = np.random.default_rng(self.seed + epoch)
-            self._order = modality_length_order(self.has_image.tolist(), self.lengths.tolist(), self.global_batch,
-                                                self.replicas, rng.permutation)
+            self._order = modality_length_order(self.has_image, self.lengths, self.global_batch, self.replicas,
+                                                rng.permutation)
             self._epoch = epoch
         return self._order
 
     def __call__(self, j: int) -> int:
-        return self._for(j // self.epoch_len)[j % self.epoch_len]
+        return int(self._for(j // self.epoch_len)[j % self.epoch_len])
 
     def __getstate__(self):
         return {**self.__dict__, "_epoch": -1, "_order": None}
