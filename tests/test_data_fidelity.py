@@ -242,6 +242,15 @@ def test_pack_switches_reach_the_stored_rows(tok_dir, tmp_path):
     # The original's labels: every token but the image placeholders is a target, pads included.
     assert np.array_equal(row["loss_mask"].astype(bool), row["input_ids"] != image_id)
 
+    # Training refuses data packed with other switches than its data config names.
+    from oq2vl_jax.data.loader import PACK_SWITCHES, PackSettingsMismatch, check_pack_switches
+    want = dict(image_strategy="letterbox", alpha="drop", pre_squash="none", pad_as_target=True,
+                original_image_offset=False)
+    assert set(want) == set(PACK_SWITCHES)
+    check_pack_switches([str(out)], want)
+    with pytest.raises(PackSettingsMismatch, match="image_strategy: packed 'letterbox', config 'squash'"):
+        check_pack_switches([str(out)], {**want, "image_strategy": "squash"})
+
 
 def test_pad_as_target_needs_ffd_and_defaults_are_corrected(tok_dir, tmp_path):
     with pytest.raises(ValueError, match="pad_as_target"):

@@ -131,6 +131,25 @@ def _check_source(cfg: LoaderConfig, path: str) -> None:
         raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
 
 
+# Pack-time switches that the data config names too (config.DataConfig); see README "Fidelity".
+PACK_SWITCHES = ("image_strategy", "alpha", "pre_squash", "pad_as_target", "original_image_offset")
+
+
+class PackSettingsMismatch(UserError, ValueError):
+    """Packed data made with other pack-time switches than the data config names."""
+
+
+def check_pack_switches(paths, expected: dict) -> None:
+    """Each packed source was made with the switches of `expected` (read from its stats.json; data
+    packed before a switch existed are not checked for it)."""
+    for path in paths:
+        made = ((pack_stats(path) or {}).get("config") or {}) if os.path.isdir(path) else {}
+        diff = [f"{k}: packed {made[k]!r}, config {v!r}" for k, v in expected.items() if k in made and made[k] != v]
+        if diff:
+            raise PackSettingsMismatch(f"{path} was packed with other switches than data.*: {'; '.join(diff)}; "
+                                       f"repack or set them in the config")
+
+
 def check_sources(cfg: LoaderConfig) -> None:
     """Every source has rows and agrees with the loader settings; for sources read only later (eval),
     so a bad path fails at start-up, not after hours of training."""
