@@ -303,9 +303,12 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     main_process = jax.process_index() == 0
     check_tokenizer(cfg)
     check_segments(cfg)
-    from oq2vl_jax.data.loader import PACK_SWITCHES, check_pack_switches
-    check_pack_switches([s.path for s in cfg.data.sources] + ([cfg.data.eval_source] if cfg.data.eval_source else []),
-                        {k: getattr(cfg.data, k) for k in PACK_SWITCHES})
+    from oq2vl_jax.data.loader import PACK_SWITCHES, PackSettingsMismatch, check_pack_switches
+    try:
+        check_pack_switches([s.path for s in cfg.data.sources] + ([cfg.data.eval_source] if cfg.data.eval_source else []),
+                            {k: getattr(cfg.data, k) for k in PACK_SWITCHES})
+    except PackSettingsMismatch as e:
+        raise ConfigError(str(e)) from None
 
     trainer = Trainer(cfg, workdir)
     sources = [(s.path, s.weight) for s in cfg.data.sources]
