@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,11 @@ def _child(kind: str, path: str, tok: str | None) -> None:
         from oq2vl_jax.data import pack
 
         out = tempfile.mkdtemp()
-        st = pack.run(pack.PackConfig(tokenizer=tok, out=out, mode="sft", seq_len=4096), [path], log=lambda m: None)
+        try:
+            st = pack.run(pack.PackConfig(tokenizer=tok, out=out, mode="sft", seq_len=4096), [path],
+                          log=lambda m: None)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
         n = st["samples_packed"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     print(json.dumps({"kind": kind, "samples": n, "peak_rss_mib": round(rss), "seconds": round(time.perf_counter() - t0, 1)}))
