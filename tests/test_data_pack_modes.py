@@ -170,7 +170,9 @@ def test_sft_json_is_streamed_and_packed_in_bounded_batches(tok_dir, tmp_path):
     st = pack.run(pack.PackConfig(out=str(tmp_path / "c"), **base), [str(tmp_path / "broken.json")],
                   log=lambda m: None)
     assert st["samples_packed"] == 20 and list(st["bad_shards"]) == [str(tmp_path / "broken.json")]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf " + json.dumps(convs[:2]).encode())
     errors = []
+    assert len(list(readers.iter_json_records(str(tmp_path / "bom.json"), errors))) == 2 and not errors
     (tmp_path / "obj.json").write_text('{"conversations": []}')
     assert list(readers.iter_json_records(str(tmp_path / "obj.json"), errors)) == []
     assert errors == ["json file is not a list of samples"]

@@ -197,6 +197,8 @@ def _iter_json_list(f, name: str, errors: list):
     import ijson
 
     try:
+        if f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte order mark is skipped, as json.loads does
+            f.seek(0)
         head = f.read(1)
         while head and head.isspace():
             head = f.read(1)
