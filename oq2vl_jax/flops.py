@@ -65,3 +65,4 @@ def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vis
     vision = vision_forward_flops_per_image(cfg) * images * (3.0 if vision_trained else 1.0)
     proj = 3.0 * projector_flops_per_image(cfg) * images
     return llm + attn + vision + proj
+
