@@ -86,7 +86,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     # "masked": no decay on norms and biases (the configured intent). "none": no decay at all, which
-    # is what the original effectively ran (FSDP flattened every parameter to 1-D; docs/original_system.md §6).
+    # is what the original effectively ran (FSDP flattened every parameter to 1-D; spec section 6).
     weight_decay_mode: Literal["masked", "none"] = "masked"
     clip_grad_norm: float = 1.0
     # Continue a schedule instead of re-warming (second paper): the schedule starts at this step of a
@@ -114,12 +114,12 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     # > 0: train this many passes over the one data source instead, steps = ceil(epochs x rows /
-    # global_batch_size) from the packer's stats.json (the original's epoch rule, docs/original_system.md §6);
+    # global_batch_size) from the packer's stats.json (the original's epoch rule, spec section 6);
     # the computed steps are written into the run's config.yaml.
     epochs: float = 0.0
     micro_batches: int = 1  # gradient accumulation: micro-batches per optimiser step
     # "tokens": mean over all target tokens of the step (every token weighs the same).
-    # "micro_batch_mean": the original's weighting (docs/original_system.md §4): each GPU took the token mean of
+    # "micro_batch_mean": the original's weighting (spec section 4): each GPU took the token mean of
     # its own micro-batch of `loss_group_rows` rows, gradients were averaged over GPUs and divided by
     # the accumulation steps; here: the mean over groups of `loss_group_rows` consecutive rows of each
     # group's token mean, divided by micro_batches (independent of our own mesh).

@@ -68,15 +68,16 @@ def decode_step(model, cache: KVCache, tokens, positions):
     return lm.logits(h[:, 0]).astype(jnp.float32), cache
 
 
-def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int | None):
-    """Next token per row from float32 logits [B, V] and one PRNG key per row [B]: argmax when
-    temperature == 0, else nucleus sampling. Ids >= vocab_limit (embedding rows past the tokenizer)
-    are never chosen."""
+def _limit_vocab(logits, vocab_limit: int | None):
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    return logits
+
+
+def sampling_logits(logits, *, temperature: float, top_p: float, vocab_limit: int | None):
+    """The logits `sample` draws from when temperature > 0 (their softmax is the distribution):
+    divided by the temperature, then restricted to the nucleus of mass top_p; ids >= vocab_limit -inf."""
+    logits = _limit_vocab(logits, vocab_limit) / temperature
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1, stable=True)
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
@@ -86,6 +87,16 @@ def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int |
         keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int | None):
+    """Next token per row from float32 logits [B, V] and one PRNG key per row [B]: argmax when
+    temperature == 0, else nucleus sampling. Ids >= vocab_limit (embedding rows past the tokenizer)
+    are never chosen."""
+    if temperature == 0:
+        return jnp.argmax(_limit_vocab(logits, vocab_limit), axis=-1).astype(jnp.int32)
+    logits = sampling_logits(logits, temperature=temperature, top_p=top_p, vocab_limit=vocab_limit)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
