@@ -59,6 +59,8 @@ def _plain(v):
 
 
 def _fmt(v) -> str:
+    if v is None:  # a figure that cannot be computed here (e.g. MFU on a device of unknown peak)
+        return "n/a"
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.3e}"

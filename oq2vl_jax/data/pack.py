@@ -11,20 +11,20 @@ and a re-run skips every unit whose marker matches the current settings and inpu
 shard-level read error is not marked complete, so a re-run retries it. ``OUT/stats.json`` sums them all.
 
 Images are stored already squashed to image_size×image_size with PIL bicubic (the tower's own
-"resize-naive" transform, spec §1; --image-strategy letterbox / resize-crop, --alpha and --pre-squash
-select the original's other paths, see transforms.py), so the loader only decodes and normalises. Default encoding is JPEG
-quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real photos offline): a smooth
-image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a worst-case image of
-fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB). Photos should fall in
-between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less disk and loader read
-bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact with the
-original's transform.
+"resize-naive" transform, docs/original_system.md §1; --image-strategy letterbox / resize-crop, --alpha
+and --pre-squash select the original's other paths, see transforms.py), so the loader only decodes and
+normalises.
+Default encoding is JPEG quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real
+photos offline): a smooth image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a
+worst-case image of fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB).
+Photos should fall in between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less
+disk and loader read bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact
+with the original's transform.
 
 Every input sample is either packed into exactly one row or counted in ``skipped`` with its reason.
 """
 from __future__ import annotations
 
-import argparse
 import array
 import collections
 import dataclasses
@@ -204,15 +204,18 @@ def _iter_samples(cfg: PackConfig, path: str):
     """Yields (key, tokens, encoded images) or (key, SampleError) for one input file; sets errors."""
     b = _builder(cfg)
     if cfg.mode == "caption":
-        raw, err = readers.read_tar(path)
-        for key, files in raw:
+        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
+        while True:
+            try:
+                key, files = next(tar)
+            except StopIteration as stop:
+                return stop.value
             try:
                 image, caption = readers.caption_from_files(files)
                 tokens = _fit(cfg, b, b.caption(caption))
                 yield key, tokens, [_image(cfg, image)]
             except SampleError as e:
                 yield key, e
-        return err
     if cfg.mode == "interleaved":
         return (yield from _iter_interleaved(cfg, b, path))
     if cfg.mode == "text":
@@ -260,14 +263,20 @@ def _iter_samples(cfg: PackConfig, path: str):
     return errors[0] if errors else None
 
 
+def _collect_error(gen, errors: list):
+    """Yields from a reader that returns its file-level error; appends that error to `errors`."""
+    err = yield from gen
+    if err:
+        errors.append(err)
+
+
 def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
     """OBELICS-style documents: WebDataset tars of {key}.json, or .jsonl / .json lists of records."""
     errors: list = []
     if path.lower().endswith((".jsonl", ".json")):
         raw = readers.iter_json_records(path, errors)
     else:
-        raw, err = readers.read_tar(path)
-        errors += [err] if err else []
+        raw = _collect_error(readers.iter_tar(path), errors)
     for key, entry in raw:
         try:
             if isinstance(entry, SampleError):
@@ -302,7 +311,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         rows_size = os.path.getsize(rows_path) if os.path.exists(rows_path) else 0
         if (isinstance(done, dict) and done.get("complete") and done.get("config") == fingerprint
                 and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size
-                and (done.get("rows") == 0 or (os.path.exists(rows_path) and os.path.exists(info_path)))):
+                and (done.get("rows") == 0 or os.path.exists(info_path))):
             done["reused"] = True
             return done
         # Not reusable: drop the marker before touching the rows, so a run killed between writing new
@@ -405,7 +414,7 @@ def _worker(args):
 # --------------------------------------------------------------------------------------------------
 # Whole run
 # --------------------------------------------------------------------------------------------------
-def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
+def summarize(cfg: PackConfig, unit_stats: list[dict], token_ids: dict | None = None) -> dict:
     skipped = collections.Counter()
     for s in unit_stats:
         skipped.update(s["skipped"])
@@ -415,7 +424,7 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
     return {
         "mode": cfg.mode, "seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens,
         "image_size": cfg.image_size, "image_format": cfg.image_format, "max_images": fp["max_images"],
-        "packing": cfg.packing, "config": fp,
+        "packing": cfg.packing, "config": fp, "tokenizer": token_ids or {},
         "samples_in": sum(s["samples_in"] for s in unit_stats),
         "samples_packed": sum(s["samples_packed"] for s in unit_stats),
         "skipped": dict(sorted(skipped.items())), "rows": rows, "real_tokens": real,
@@ -456,6 +465,11 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     os.makedirs(cfg.out, exist_ok=True)
+    from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
+
+    ids = special_ids(load_tokenizer(cfg.tokenizer))  # recorded so training can derive them from the data
+    token_ids = {"image_token_id": ids.image, "vocab_len": ids.vocab_len, "bos": ids.bos, "eos": ids.eos,
+                 "pad": ids.pad}
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
@@ -479,7 +493,7 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
             pool.close()
             pool.join()
     _remove_stale(cfg.out, {u.name for u in units}, log)
-    stats = summarize(cfg, results)
+    stats = summarize(cfg, results, token_ids)
     with open(os.path.join(cfg.out, "stats.json.tmp"), "w") as f:
         json.dump(stats, f, indent=1)
     os.replace(os.path.join(cfg.out, "stats.json.tmp"), os.path.join(cfg.out, "stats.json"))
@@ -490,65 +504,77 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
     return stats
 
 
+# Flags that override config keys (a flag left out keeps the config's value).
+FLAG_KEYS = {"seq_len": "data.seq_len", "image_tokens": "model.image_tokens", "image_size": "model.vision.image_size",
+             "max_images": "data.max_images", "mode": "pack.mode", "image_format": "pack.image_format",
+             "jpeg_quality": "pack.jpeg_quality", "max_samples_per_row": "pack.max_samples_per_row",
+             "sft_template": "pack.sft_template", "image_root": "pack.image_root", "packing": "pack.packing",
+             "window": "pack.window", "workers": "pack.workers", "text_key": "pack.text_key",
+             "truncate": "pack.truncate", "max_samples_in_memory": "pack.max_samples_in_memory",
+             "image_strategy": "data.image_strategy", "alpha": "data.alpha", "pre_squash": "data.pre_squash",
+             "pad_as_target": "data.pad_as_target", "original_image_offset": "data.original_image_offset"}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m oq2vl_jax.data.pack", description=__doc__.split("\n\n")[0])
+    from oq2vl_jax import cli
+
+    p = cli.parser("python -m oq2vl_jax.data.pack", __doc__.split("\n\n")[0])
+    cli.add_config(p, required=False, help="the run's YAML config: seq_len, image_tokens, image size, max_images, "
+                                           "tokenizer and the pack section are read from it (flags override)")
     p.add_argument("--input", nargs="+", required=True,
                    help="shards/files; brace patterns ({00000..00099}, {a,b}) and globs (quote them)")
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=MODES, default="caption",
-                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/json/txt documents; "
-                        "interleaved: OBELICS-style documents (tars of {key}.json, or jsonl) with "
-                        "<|endofchunk|> after each text chunk")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--image-tokens", type=int, default=144, help="image slots per image (144 or 729)")
-    p.add_argument("--image-size", type=int, default=384, help="stored images are size×size")
-    p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--max-images", type=int, default=None,
-                   help="per-row image cap (default: seq_len // (image_tokens + 3)); set the loader's "
-                        "max_images to at least this")
-    p.add_argument("--max-samples-per-row", type=int, default=None,
-                   help="per-row sample cap; keep it <= the model's max_segments (64) with attention: cudnn")
-    p.add_argument("--sft-template", choices=("chatml", "original"), default="chatml")
-    p.add_argument("--image-root", default=None, help="SFT: base folder for relative image paths")
-    p.add_argument("--packing", choices=("ffd", "none"), default="ffd",
-                   help="none: one sample per row (unpacked SFT batches)")
-    p.add_argument("--window", type=int, default=1, help="input shards packed together (default 1)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut samples longer than --seq-len (as the original) instead of skipping them")
-    p.add_argument("--max-samples-in-memory", type=int, default=50_000,
-                   help="FFD packs at most this many samples at a time (bounds memory for one huge input file)")
-    f = p.add_argument_group("fidelity switches (defaults: corrected behaviour; see README 'Fidelity')")
-    f.add_argument("--image-strategy", choices=transforms.STRATEGIES, default="squash",
-                   help="squash (the original's resize-naive), letterbox (mean-colour padding), resize-crop")
-    f.add_argument("--alpha", choices=transforms.ALPHA, default="white",
-                   help="white: composite transparency on white; drop: PIL convert('RGB') as the original")
-    f.add_argument("--pre-squash", choices=transforms.PRE_SQUASH, default="none",
+    cli.add_tokenizer(p)
+    cli.add_out(p)
+    g = p.add_argument_group("overrides of config keys (default: the config's, else the packer's default)")
+    g.add_argument("--mode", choices=MODES, help="caption: WebDataset tars; sft: LLaVA json/jsonl; "
+                                                 "text: jsonl/json/txt documents; interleaved: OBELICS-style "
+                                                 "documents (tars of {key}.json, or jsonl) (pack.mode)")
+    g.add_argument("--seq-len", type=int, help="row length (data.seq_len; default 4096)")
+    g.add_argument("--image-tokens", type=int, help="image slots per image (model.image_tokens; default 144)")
+    g.add_argument("--image-size", type=int, help="stored images are size x size (model.vision.image_size)")
+    g.add_argument("--image-format", choices=("jpeg", "png"))
+    g.add_argument("--jpeg-quality", type=int)
+    g.add_argument("--max-images", type=int, help="per-row image cap (data.max_images; default: "
+                                                  "seq_len // (image_tokens + 3))")
+    g.add_argument("--max-samples-per-row", type=int,
+                   help="per-row sample cap; keep it <= model.max_segments with attention: cudnn")
+    g.add_argument("--sft-template", choices=("chatml", "original"))
+    g.add_argument("--image-root", help="SFT: base folder for relative image paths")
+    g.add_argument("--packing", choices=("ffd", "none"), help="none: one sample per row (unpacked SFT batches)")
+    g.add_argument("--window", type=int, help="input shards packed together (default 1)")
+    g.add_argument("--workers", type=int)
+    g.add_argument("--text-key", help="text mode: json/jsonl field holding the document")
+    g.add_argument("--truncate", action="store_const", const=True,
+                   help="cut samples longer than seq_len (as the original) instead of skipping them")
+    g.add_argument("--max-samples-in-memory", type=int,
+                   help="FFD packs at most this many samples at a time: bounds memory for one huge input file "
+                        "(pack.max_samples_in_memory; default 50000)")
+    f = p.add_argument_group("fidelity switches (data.* keys; defaults: corrected behaviour; README 'Fidelity')")
+    f.add_argument("--image-strategy", choices=transforms.STRATEGIES,
+                   help="squash (the original's resize-naive; default), letterbox (mean-colour padding), resize-crop")
+    f.add_argument("--alpha", choices=transforms.ALPHA,
+                   help="white: composite transparency on white (default); drop: PIL convert('RGB') as the original")
+    f.add_argument("--pre-squash", choices=transforms.PRE_SQUASH,
                    help="lanczos: the original pickle packer's LANCZOS resize of images over image-size")
-    f.add_argument("--pad-as-target", action="store_true",
+    f.add_argument("--pad-as-target", action="store_const", const=True,
                    help="fill each row's slack with <|pad|> tokens trained on, as the original pickle path")
-    f.add_argument("--original-image-offset", action="store_true",
+    f.add_argument("--original-image-offset", action="store_const", const=True,
                    help="SFT: drop the token after <image> in a turn starting with <s> (tokenizer_image_token)")
     a = p.parse_args(argv)
-    if a.window < 1:
-        p.error(f"--window must be >= 1, got {a.window}")
-    try:
-        cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
-                         image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
-                         jpeg_quality=a.jpeg_quality, max_images=a.max_images,
-                         max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate,
-                         image_strategy=a.image_strategy, alpha=a.alpha, pre_squash=a.pre_squash,
-                         pad_as_target=a.pad_as_target, original_image_offset=a.original_image_offset,
-                         max_samples_in_memory=a.max_samples_in_memory)
-    except ValueError as e:
-        p.error(str(e))
-    run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
-        log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+
+    def body():
+        from oq2vl_jax import resolve
+
+        values = {key: getattr(a, flag) for flag, key in FLAG_KEYS.items() if getattr(a, flag) is not None}
+        if a.tokenizer:
+            values["tokenizer"] = a.tokenizer
+        cfg = cli.load_config(a, values)
+        inputs = readers.resolve_inputs(a.input)
+        settings = resolve.for_pack(cfg, a.out)
+        run(settings, inputs, window=cfg.pack.window, workers=cfg.pack.workers,
+            log=lambda m: print(m, file=sys.stderr, flush=True))
+
+    return cli.run(body, a)
 
 
 if __name__ == "__main__":
