@@ -219,13 +219,13 @@ def test_pack_switches_reach_the_stored_rows(tok_dir, tmp_path):
                                   ("b.png", _png(rgba[:, :20, :3].copy())), ("b.txt", b"a blue square")])
     out = tmp_path / "out"
     rc = pack.main(["--input", str(tmp_path / "00000.tar"), "--tokenizer", tok_dir, "--out", str(out),
-                    "--seq-len", "64", "--image-tokens", str(K), "--image-size", "16", "--image-format", "png",
+                    "--seq-len", "64", "--image-tokens", "4", "--image-size", "28", "--image-format", "png",
                     "--image-strategy", "letterbox", "--alpha", "drop", "--pad-as-target"])
     assert rc == 0
     stats = json.load(open(out / "stats.json"))
     assert stats["samples_packed"] == 2 and stats["rows"] == 1 and stats["max_samples_in_row"] == 3
     (row,) = _rows(str(out / "00000.array_record"))
-    ref_img = transforms.to_square(Image.fromarray(rgba).convert("RGB"), 16, "letterbox", "drop")
+    ref_img = transforms.to_square(Image.fromarray(rgba).convert("RGB"), 28, "letterbox", "drop")
     blob, off = row["image_bytes"].tobytes(), row["image_offsets"]
     images = [np.asarray(Image.open(io.BytesIO(blob[off[i]:off[i + 1]]))) for i in range(2)]
     assert any(np.array_equal(x, np.asarray(ref_img)) for x in images)
