@@ -196,7 +196,7 @@ _OQ_PROJECTOR = {"mlp_projector.0.": "linear_1.", "mlp_projector.2.": "linear_2.
 
 
 def read_oq_checkpoint(path: str) -> dict[str, LazyTensors]:
-    """{component: lazy HF-named tensors} from a prismatic checkpoint (spec section 7)."""
+    """{component: lazy HF-named tensors} from a prismatic checkpoint (docs/original_system.md §7)."""
     obj = read_torch(path)
     model = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or "projector" not in model or "llm_backbone" not in model:
