@@ -413,3 +413,29 @@ def test_rerun_that_reuses_everything_keeps_the_folder_readable(demo, tmp_path, 
     seen.clear()
     pack.run(_cfg(demo, out, image_format="png"), shards, log=lambda m: None)
     assert seen == [2, "refused"]
+
+
+def test_tar_cut_at_a_member_boundary_is_a_bad_shard(tmp_path):
+    """Stream mode reads a tar cut between members (or inside a header) as a short, whole archive;
+    without its end-of-archive blocks it is reported as a bad shard, with the samples before the cut."""
+    import io
+    import tarfile
+
+    from oq2vl_jax.data.readers import iter_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(3):
+            ti = tarfile.TarInfo(f"{i:05d}.txt")
+            ti.size = 700
+            tf.addfile(ti, io.BytesIO(b"x" * 700))
+    raw = buf.getvalue()
+    for cut, whole in ((len(raw), 3), (2 * (512 + 1024), 2), (2 * (512 + 1024) + 100, 2)):
+        (tmp_path / "s.tar").write_bytes(raw[:cut])
+        it, got = iter_tar(str(tmp_path / "s.tar")), []
+        try:
+            while True:
+                got.append(next(it))
+        except StopIteration as stop:
+            error = stop.value
+        assert len(got) == whole and (error is None) == (cut == len(raw)), (cut, error)

@@ -88,6 +88,13 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     files = {}
                 key = k
                 files[ext] = data
+            end = tf.offset
+        # tarfile's stream mode takes a cut header, or a cut between members, for the end of the archive;
+        # a whole tar ends in two zero blocks there.
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {end}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         error = f"{type(e).__name__}: {e}"
     if files:
