@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize, squash
+from oq2vl_jax import cli, preflight
+from oq2vl_jax.data.images import normalize, squash, to_rgb8
 from oq2vl_jax.models.cache import KVCache
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
@@ -274,11 +275,11 @@ def load_image(image, size: int) -> np.ndarray:
 
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im)
     elif isinstance(image, np.ndarray):
-        im = Image.fromarray(image).convert("RGB")
+        im = to_rgb8(Image.fromarray(image))
     else:
-        im = image.convert("RGB")
+        im = to_rgb8(image)
     return normalize(np.asarray(squash(im, size)))
 
 
@@ -474,7 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
     p.add_argument("--json", action="store_true", help="one JSON object per request: token_ids, text")
     args = p.parse_args(argv)
+    return cli.run(lambda: _main(p, args), args)
 
+
+def _main(p: argparse.ArgumentParser, args) -> int:
+    preflight.check_generate_args(args)
     fmt = args.format or ("fewshot" if args.shots else "caption")
     if (fmt == "fewshot") != bool(args.shots):
         p.error("--shots goes with --format fewshot (and fewshot needs --shots)")
@@ -482,15 +487,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--image goes with --prompt; put images in the --input records")
     requests = _read_jsonl(args.input, _request) if args.input else [{"prompt": args.prompt, "images": args.image}]
     shots = _read_jsonl(args.shots, _shot) if args.shots else []
+    preflight.check_images([im for r in requests for im in r["images"]] + [s["image"] for s in shots])
 
+    from oq2vl_jax import checkpoint
     from oq2vl_jax.data.tokenizer import load_tokenizer
 
-    t0 = time.perf_counter()
-    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
-    tok_path = args.tokenizer or cfg.tokenizer
+    tok_path = args.tokenizer or checkpoint.resolve_checkpoint_config(args.checkpoint).tokenizer
     if not tok_path:
         p.error(f"{args.checkpoint}/config.yaml names no tokenizer; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)  # a broken folder is named before the model loads
+    t0 = time.perf_counter()
+    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
     print(f"loaded {args.checkpoint} step {step} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0]}",
           file=sys.stderr)
     stats = Stats()

@@ -64,3 +64,40 @@ def _fmt(v) -> str:
             return f"{v:.3e}"
         return f"{v:.4f}"
     return str(v)
+
+
+def clean_for_resume(workdir: str, step: int) -> str | None:
+    """Leaves WORKDIR/metrics.jsonl as one series up to `step` (the restored checkpoint's step).
+
+    Drops a partial (unparseable) line, e.g. one cut off by a full disk or a kill, and every record
+    after `step`, which the resumed run logs again. When anything is dropped, the file as it was is
+    kept as metrics.jsonl.before-resume-<step>[-n]; returns that path (None if nothing changed)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        raw = f.read()
+    kept, dropped = [], 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line + b"\n")
+        else:
+            dropped += 1
+    if not dropped and (not raw or raw.endswith(b"\n")):
+        return None
+    aside = f"{path}.before-resume-{step}"
+    n = 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.before-resume-{step}-{n}", n + 1
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(kept)
+    os.replace(path, aside)
+    os.replace(path + ".tmp", path)
+    return aside

@@ -13,6 +13,7 @@ SLURM (several tasks) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,9 +28,10 @@ import numpy as np
 import yaml
 
 from oq2vl_jax import checkpoint as ckpt
+from oq2vl_jax import cli, failures, integrity, locks
 from oq2vl_jax.config import Config, ConfigError, load_config, to_dict
 from oq2vl_jax.flops import train_step_flops
-from oq2vl_jax.metrics import MetricsLogger
+from oq2vl_jax.metrics import MetricsLogger, clean_for_resume
 from oq2vl_jax.models import build_abstract, build_sharded, flat_params
 from oq2vl_jax.sharding import make_mesh, use_mesh
 from oq2vl_jax.train_step import (MODEL_KEYS, all_params, batch_shardings, make_steps, optimizer, split_params,
@@ -200,8 +202,11 @@ class Trainer:
         self.train_step = self._in_mesh(jax.jit(train_step, in_shardings=(self.shardings, None),
                                                 out_shardings=(self.shardings, rep), donate_argnums=(0,)))
         self.eval_step = self._in_mesh(jax.jit(eval_step, in_shardings=(self.shardings, None), out_shardings=rep))
+        self.manifests = integrity.Manifests(ckpt.checkpoint_dir(workdir), cfg.train.async_checkpointing,
+                                             jax.process_index() == 0)
         self.mngr = ckpt.make_manager(workdir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
-                                      async_save=cfg.train.async_checkpointing)
+                                      async_save=cfg.train.async_checkpointing,
+                                      on_finalized=self.manifests.on_finalized)
 
     def _in_mesh(self, jitted):
         """Calls (and so traces) a jitted step inside the mesh, where the model's activation
@@ -228,7 +233,7 @@ class Trainer:
 
     def initial_state(self, data_iter) -> tuple[dict, int]:
         """(state, step): the latest checkpoint in the workdir, else init_from, else random."""
-        step = self.mngr.latest_step()
+        step = integrity.resume_step(self.mngr, self.workdir)  # damaged/incomplete newer steps moved aside
         if step is not None:
             ckpt.check_saved_params(self.workdir, step, self._abstract_params())
             # Checkpoints saved before the iterator state carried its layout have it in meta "data" only.
@@ -266,8 +271,10 @@ class Trainer:
 
     def save(self, state: dict, step: int, data_iter) -> None:
         meta = {"step": step, "seed": self.cfg.train.seed}
+        self.manifests.before_save(step)
         ckpt.save(self.mngr, step, params=all_params(state), opt_state=state["opt_state"], meta=meta,
                   data_iter=data_iter)
+        self.manifests.after_save(step)
 
     # ----- eval ------------------------------------------------------------------------------------
     def evaluate(self, state: dict) -> dict:
@@ -289,8 +296,16 @@ class Trainer:
 
 
 def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
-    """Trains to cfg.train.steps (or until SIGTERM, or for `stop_at` more steps in a time-boxed job:
-    saves and returns there, the schedule unchanged); returns the last logged metrics."""
+    """Trains to cfg.train.steps (or until SIGTERM/SIGINT, or for `stop_at` more steps in a time-boxed
+    job: saves and returns there, the schedule unchanged); returns the last logged metrics.
+    The workdir is locked for the run (a second trainer on it is refused, naming this one)."""
+    with failures.writing(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        with (locks.hold(workdir, "a training run") if jax.process_index() == 0 else contextlib.nullcontext()):
+            return _run(cfg, workdir, stop_at)
+
+
+def _run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     from oq2vl_jax.data.loader import check_sources, make_train_iterator
 
     if not cfg.data.sources:
@@ -316,6 +331,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     except ValueError as e:  # packed data that disagree with the config (image tokens, seq_len, mode, ...)
         raise ConfigError(str(e)) from None
     state, step = trainer.initial_state(data_iter)
+    if main_process:  # one clean series: a cut-off line and records after the restored step go
+        aside = clean_for_resume(workdir, step)
+        if aside:
+            log.warning("metrics.jsonl trimmed to step %d for the resume; the previous file is %s", step, aside)
     # Only now: a resume refused above must not replace the config its checkpoints were made with.
     if main_process:
         with open(os.path.join(workdir, ckpt.CONFIG_FILE), "w") as f:
@@ -327,9 +346,12 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
     stop = {"signal": None}
 
     def on_sigterm(signum, _frame):
+        if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         stop["signal"] = signum  # finish the step in flight, save, exit
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C saves too
     n_dev = jax.device_count()
     shardings = None
     last, window_tokens, window_flops, window_start = {}, 0.0, 0.0, time.perf_counter()
@@ -411,7 +433,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             if evaluate:
                 logger.log(step, trainer.evaluate(state), prefix="eval_")
             if halt:
-                log.warning("stopping at step %d (%s), checkpoint saved", step, "SIGTERM" if by_signal else "--stop-at")
+                why = signal.Signals(stop["signal"]).name if stop["signal"] else "another host's signal"
+                log.warning("stopping at step %d (%s), checkpoint saved", step, why if by_signal else "--stop-at")
                 break
     finally:
         if tracing:
@@ -420,6 +443,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
         trainer.mngr.close()
         logger.close()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return last
 
 
@@ -445,15 +469,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except cli.bad_input_types() as e:  # incl. a config that is not UTF-8 text
+        print(f"config error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     init_distributed()
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     try:
         run(cfg, workdir, stop_at=args.stop_at)
-    except (ConfigError, FileNotFoundError, ckpt.CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except cli.bad_input_types() as e:  # config, lock held, disk full, read-only, damaged checkpoint, ...
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         log.error("%s", e)

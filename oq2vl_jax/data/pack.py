@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from oq2vl_jax import cli, failures, locks
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.ffd import first_fit_decreasing
 from oq2vl_jax.data.records import assemble_row, encode_row
@@ -285,15 +286,20 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     tmp = f"{rows_path}.tmp-{os.getpid()}"
     max_img_row = max_seg_row = 0
     if bins:
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        for b in bins:
-            row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
-                               cfg.seq_len, pad_id)
-            writer.write(encode_row(row))
-            max_img_row = max(max_img_row, len(row["image_segment_ids"]))
-            max_seg_row = max(max_seg_row, len(b))
-        writer.close()
-        os.replace(tmp, rows_path)
+        try:
+            writer = ArrayRecordWriter(tmp, "group_size:1")
+            for b in bins:
+                row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
+                                   cfg.seq_len, pad_id)
+                writer.write(encode_row(row))
+                max_img_row = max(max_img_row, len(row["image_segment_ids"]))
+                max_seg_row = max(max_seg_row, len(b))
+            writer.close()
+            os.replace(tmp, rows_path)
+        except BaseException:  # e.g. a full disk: no .tmp-<pid> left behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     elif os.path.exists(rows_path):
         os.remove(rows_path)  # stale output from an earlier run with different settings
 
@@ -367,11 +373,27 @@ def _remove_stale(out: str, names: set[str], log) -> None:
                 log(f"removed {f}: output of an earlier run, not a unit of this one")
 
 
+def _remove_leftover_tmp(out: str, log) -> None:
+    """Temporary files of a killed run into `out` (only called while holding its lock)."""
+    for f in sorted(os.listdir(out)):
+        if ".tmp-" in f or f.endswith(".tmp"):
+            os.remove(os.path.join(out, f))
+            log(f"removed {f}: left by an interrupted run")
+
+
 def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, log=print) -> dict:
-    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json."""
+    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json.
+    OUT is locked meanwhile: a second packer into it is refused, naming this one."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    os.makedirs(cfg.out, exist_ok=True)
+    with failures.writing(cfg.out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with locks.hold(cfg.out, "a pack run"):
+            _remove_leftover_tmp(cfg.out, log)
+            return _run(cfg, inputs, window, workers, log)
+
+
+def _run(cfg: PackConfig, inputs: list[str], window: int, workers: int, log) -> dict:
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
@@ -431,6 +453,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=1, help="input shards packed together (default 1)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="pack the shards a brace pattern names that exist, even if some are missing")
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
     a = p.parse_args(argv)
@@ -444,9 +468,8 @@ def main(argv=None) -> int:
                          image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
     except ValueError as e:
         p.error(str(e))
-    run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
-        log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+    return cli.run(lambda: run(cfg, readers.resolve_inputs(a.input, a.allow_missing), window=a.window,
+                               workers=a.workers, log=lambda m: print(m, file=sys.stderr, flush=True)) and 0)
 
 
 if __name__ == "__main__":
