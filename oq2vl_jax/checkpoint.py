@@ -129,10 +129,10 @@ def load_params(run_dir: str, abstract_params: Mapping, step: int | None = None)
     elif step not in mngr.all_steps():
         raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(run_dir)} "
                                 f"(have {sorted(mngr.all_steps())})")
-    check_saved_params(run_dir, step, abstract_params)
     from oq2vl_jax import integrity
 
-    integrity.verify(os.path.join(checkpoint_dir(run_dir), str(step)))
+    integrity.verify(os.path.join(checkpoint_dir(run_dir), str(step)))  # a damaged file named first
+    check_saved_params(run_dir, step, abstract_params)
     params = restore(mngr, step, params=abstract_params)[PARAMS]
     mngr.close()
     return step, params

@@ -29,6 +29,8 @@ import zlib
 from oq2vl_jax.cli import UserError
 
 MANIFEST = "integrity.json"
+# Orbax rewrites this one when it commits the step (a timestamp), after the manifest is written.
+_REWRITTEN = ("_CHECKPOINT_METADATA",)
 DAMAGED_DIR = "damaged"
 _CHUNK = 64 << 20
 log = logging.getLogger("oq2vl_jax.integrity")
@@ -42,7 +44,7 @@ def file_crc32(path: str) -> int:
     """CRC-32 of a file, read in 64 MiB chunks (zlib releases the GIL: files hash in parallel)."""
     crc = 0
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
+        buf = bytearray(min(_CHUNK, max(os.fstat(f.fileno()).st_size, 1)))
         view = memoryview(buf)
         while n := f.readinto(buf):
             crc = zlib.crc32(view[:n], crc)
@@ -54,7 +56,7 @@ def _files(step_dir: str) -> list[str]:
     for root, _, names in os.walk(step_dir):
         for n in names:
             rel = os.path.relpath(os.path.join(root, n), step_dir)
-            if rel != MANIFEST:
+            if rel != MANIFEST and n not in _REWRITTEN:
                 out.append(rel)
     return sorted(out)
 
@@ -142,7 +144,7 @@ def latest_good_step(run_dir: str, steps, checkpoint_dir: str) -> int | None:
 
 def in_flight_dir(checkpoint_dir: str, step: int) -> str | None:
     """The temporary directory of an async save of `step` before Orbax renames it (see module doc)."""
-    hits = glob.glob(os.path.join(glob.escape(checkpoint_dir), f"{step}.orbax-checkpoint-tmp-*"))
+    hits = glob.glob(os.path.join(glob.escape(checkpoint_dir), f"{step}.orbax-checkpoint-tmp*"))
     return hits[0] if len(hits) == 1 else None
 
 
