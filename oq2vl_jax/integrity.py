@@ -1,6 +1,6 @@
 """Checkpoint integrity: a manifest of checksums written with each save, verified before a restore.
 
-    checkpoints/<step>/integrity.json   {"algorithm": "crc32", "files": {relpath: [size, crc32]}}
+    checkpoints/<step>/integrity.json   {"algorithm": "xxh3_64", "files": {relpath: [size, hex digest]}}
 
 Every file Orbax writes for the step (params, optimiser state, meta, data iterator) is checksummed,
 so every array's bytes are covered whatever the mesh or number of processes that wrote them, and a
@@ -24,11 +24,11 @@ import logging
 import os
 import shutil
 import time
-import zlib
 
 from oq2vl_jax.cli import UserError
 
 MANIFEST = "integrity.json"
+ALGORITHM = "xxh3_64"
 # Orbax rewrites this one when it commits the step (a timestamp), after the manifest is written.
 _REWRITTEN = ("_CHECKPOINT_METADATA",)
 DAMAGED_DIR = "damaged"
@@ -40,15 +40,18 @@ class CheckpointDamaged(UserError):
     """A checkpoint's files do not match its manifest; the message names the first bad file."""
 
 
-def file_crc32(path: str) -> int:
-    """CRC-32 of a file, read in 64 MiB chunks (zlib releases the GIL: files hash in parallel)."""
-    crc = 0
+def file_digest(path: str) -> str:
+    """xxh3_64 of a file (non-cryptographic: it guards against damage, not tampering), read in 64 MiB
+    chunks; files are hashed in parallel threads."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(min(_CHUNK, max(os.fstat(f.fileno()).st_size, 1)))
         view = memoryview(buf)
         while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return crc
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def _files(step_dir: str) -> list[str]:
@@ -64,9 +67,9 @@ def _files(step_dir: str) -> list[str]:
 def compute(step_dir: str, threads: int = 8) -> dict:
     files = _files(step_dir)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        crcs = list(pool.map(lambda r: file_crc32(os.path.join(step_dir, r)), files))
-    return {"algorithm": "crc32", "files": {r: [os.path.getsize(os.path.join(step_dir, r)), c]
-                                           for r, c in zip(files, crcs)}}
+        digests = list(pool.map(lambda r: file_digest(os.path.join(step_dir, r)), files))
+    return {"algorithm": ALGORITHM, "files": {r: [os.path.getsize(os.path.join(step_dir, r)), d]
+                                             for r, d in zip(files, digests)}}
 
 
 def write_manifest(step_dir: str) -> float:
@@ -93,18 +96,21 @@ def problem(step_dir: str) -> str | None:
         return ""
     try:
         with open(path) as f:
-            want = json.load(f)["files"]
+            manifest = json.load(f)
+        want, algorithm = manifest["files"], manifest["algorithm"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({type(e).__name__})"
-    for rel, (size, crc) in sorted(want.items()):
+    if algorithm != ALGORITHM:
+        return f"{MANIFEST} uses {algorithm!r}, this version checks {ALGORITHM!r}"
+    for rel, (size, _) in sorted(want.items()):
         full = os.path.join(step_dir, rel)
         if not os.path.isfile(full):
             return f"{rel} is missing"
         if os.path.getsize(full) != size:
             return f"{rel} has {os.path.getsize(full)} bytes, {size} when saved"
     got = compute(step_dir)["files"]
-    for rel, (size, crc) in sorted(want.items()):
-        if got[rel][1] != crc:
+    for rel, (size, digest) in sorted(want.items()):
+        if got[rel][1] != digest:
             return f"{rel} does not match its checksum (changed on disk since the save)"
     return None
 

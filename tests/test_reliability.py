@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oq2vl_jax import integrity, locks
 from oq2vl_jax.data.tokenizer import build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +51,8 @@ def holder(tmp_path):
 
 
 def test_a_live_lock_is_refused_naming_host_and_pid_and_a_killed_holders_lock_is_taken_over(tmp_path, holder):
+    from oq2vl_jax import locks
+
     p = holder(tmp_path / "work")
     with pytest.raises(locks.LockHeld, match=rf"host {socket.gethostname()}, PID {p.pid}\b"):
         locks.hold(tmp_path / "work", "a second writer").acquire()
@@ -63,6 +64,8 @@ def test_a_live_lock_is_refused_naming_host_and_pid_and_a_killed_holders_lock_is
 
 
 def test_a_lock_whose_pid_was_reused_by_a_newer_process_is_stale(tmp_path):
+    from oq2vl_jax import locks
+
     folder = tmp_path / "w"
     folder.mkdir()
     # Our own PID, but recorded with another start time: the process that wrote it is gone.
@@ -107,6 +110,8 @@ def _pack_argv(shards, out, *inputs):
 
 
 def test_a_second_packer_into_an_output_folder_exits_2_and_deletes_nothing(tmp_path, shards, holder, capsys):
+    from oq2vl_jax import locks
+
     from oq2vl_jax.data import pack
 
     out = tmp_path / "out"
@@ -207,22 +212,20 @@ def _cases():
 
 @pytest.mark.parametrize("name", list(_cases()))
 def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped_in_every_path(name):
-    from oq2vl_jax.data.images import to_rgb8
     from oq2vl_jax.data.readers import prepare_image
     from oq2vl_jax.generate import load_image
 
     src, want = _cases()[name]
-    opened = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else src
-    np.testing.assert_array_equal(np.asarray(to_rgb8(opened)), want)
-    h, w = want.shape[:2]
     ref = np.asarray(Image.fromarray(want).resize((16, 16), Image.BICUBIC))
     assert ref.std() > 10  # a clipped (all-white) image would not match
-    # The packer (stored losslessly) and generate see the same 8-bit pixels.
+    opened = lambda: Image.open(io.BytesIO(src)) if isinstance(src, bytes) else src  # noqa: E731
+    # generate and the packer (stored losslessly here) see the same 8-bit pixels.
+    np.testing.assert_allclose(load_image(opened(), 16), (ref / 255.0 - 0.5) / 0.5, atol=1e-6)
     if isinstance(src, bytes):
-        stored = np.asarray(Image.open(io.BytesIO(prepare_image(src, 16, "png"))))
-        np.testing.assert_array_equal(stored, ref)
-    np.testing.assert_allclose(load_image(opened if not isinstance(src, bytes) else Image.open(io.BytesIO(src)), 16),
-                               (ref / 255.0 - 0.5) / 0.5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(prepare_image(src, 16, "png")))), ref)
+    from oq2vl_jax.data.images import to_rgb8
+
+    np.testing.assert_array_equal(np.asarray(to_rgb8(opened())), want)
 
 
 # -- one named line for what a user can get wrong --------------------------------------------------
@@ -339,6 +342,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_is_used
     import jax.numpy as jnp
 
     from oq2vl_jax import checkpoint as ckpt
+    from oq2vl_jax import integrity
 
     run = str(tmp_path)
     manifests = integrity.Manifests(ckpt.checkpoint_dir(run), async_save)
@@ -371,6 +375,8 @@ def jax_struct():
 
 
 def test_checkpoints_saved_before_manifests_existed_are_used_as_they_are(tmp_path):
+    from oq2vl_jax import integrity
+
     for s in (1, 2):
         (tmp_path / "checkpoints" / str(s)).mkdir(parents=True)
     assert integrity.latest_good_step(str(tmp_path), [1, 2], str(tmp_path / "checkpoints")) == 2
@@ -499,6 +505,7 @@ def _start(demo, work, until_step):
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_0_and_a_flipped_bit_falls_back_resuming_bit_for_bit(demo, reference, tmp_path):
     from oq2vl_jax import checkpoint as ckpt
+    from oq2vl_jax import integrity
     from oq2vl_jax.config import load_config
     from oq2vl_jax.train import main
 
