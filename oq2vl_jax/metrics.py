@@ -73,7 +73,7 @@ def clean_for_resume(workdir: str, step: int) -> str | None:
     after `step`, which the resumed run logs again. When anything is dropped, the file as it was is
     kept as metrics.jsonl.before-resume-<step>[-n]; returns that path (None if nothing changed)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):  # absent, or not a regular file (a pipe or device: left alone)
         return None
     with open(path, "rb") as f:
         raw = f.read()

@@ -491,15 +491,25 @@ def reference(demo, tmp_path_factory):
     return {r["step"]: r["loss"] for r in _records(work)}
 
 
-def _start(demo, work, until_step):
+def _start(demo, work, until_records):
+    """Starts a trainer; returns once it holds the workdir's lock and has logged `until_records` steps."""
+    from oq2vl_jax import locks
+
     proc = subprocess.Popen(_cmd(demo, work), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(work / "metrics.jsonl") and len(_records(work)) >= until_step:
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(work / locks.LOCK_FILE):
+        time.sleep(0.01)
+    _wait_for_records(proc, work, until_records)
     return proc
+
+
+def _wait_for_records(proc, work, n):
+    deadline = time.time() + 400
+    while n and time.time() < deadline and proc.poll() is None:
+        if os.path.exists(work / "metrics.jsonl") and len(_records(work)) >= n:
+            break
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -510,15 +520,17 @@ def test_ctrl_c_saves_and_exits_0_and_a_flipped_bit_falls_back_resuming_bit_for_
     from oq2vl_jax.train import main
 
     work = tmp_path / "run"
-    proc = _start(demo, work, 3)
-    # Meanwhile a second trainer on the same workdir is refused, naming the first.
+    proc = _start(demo, work, 0)  # returns once the first trainer holds the lock (before it compiles)
+    # A second trainer on the same workdir is refused, naming the first (which compiles meanwhile).
     second = subprocess.run(_cmd(demo, work), env=_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr, second.stderr[-2000:]
+    assert proc.poll() is None, "the first trainer finished before the second one started: no race tested"
+    _wait_for_records(proc, work, 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     stopped = ckpt.make_manager(str(work), read_only=True).latest_step()
-    assert stopped == max(r["step"] for r in _records(work)) and "SIGINT" in err
+    assert stopped == max(r["step"] for r in _records(work)) < 8 and "SIGINT" in err
     # The latest checkpoint gets a flipped bit; a disk-full cut a record in half.
     _flip_a_bit(os.path.join(ckpt.checkpoint_dir(str(work)), str(stopped)))
     with open(work / "metrics.jsonl", "a") as f:
