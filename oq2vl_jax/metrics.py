@@ -8,13 +8,16 @@ import os
 
 from tqdm import tqdm
 
+from oq2vl_jax import failures
+
 
 class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
 
@@ -32,8 +35,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{prefix + k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        with failures.writing(self.path):  # a full disk: one line naming this file
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -46,7 +50,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.jsonl.close()
+            with failures.writing(self.path):
+                self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
 

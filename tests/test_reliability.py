@@ -283,9 +283,8 @@ def test_disk_full_is_one_line_with_path_and_free_space(tmp_path):
 
     os.symlink("/dev/full", tmp_path / "metrics.jsonl")  # every write: ENOSPC, as on a full disk
     logger = MetricsLogger(str(tmp_path), 10, 0, enabled=True)
-    with pytest.raises(failures.DiskFull, match=rf"disk full writing {tmp_path}: [\d.]+ \w+ free"):
-        with failures.writing(str(tmp_path)):
-            logger.log(1, {"loss": 1.0})
+    with pytest.raises(failures.DiskFull, match=rf"disk full writing {tmp_path}/metrics.jsonl: [\d.]+ \w+ free"):
+        logger.log(1, {"loss": 1.0})
     # Wrapped the way Orbax/TensorStore report it: found in the cause chain.
     with pytest.raises(failures.DiskFull, match="disk full writing /data/ck"):
         with failures.writing("/data/ck"):
@@ -448,6 +447,12 @@ def test_an_export_never_mixes_with_an_earlier_one_in_its_folder(tmp_path, conve
     names = os.listdir(out)
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".export")]  # no temp folder or lock left
+    # A converted checkpoint carries a manifest too: a flipped bit is named, not exported.
+    target = _flip_a_bit(os.path.join(converted, "checkpoints", "0"))
+    assert jax_to_hf.main([*argv, "--overwrite"]) != 0
+    assert "checkpoints/0 is damaged: params/" in capsys.readouterr().err
+    _flip_a_bit(os.path.join(converted, "checkpoints", "0"))  # flipped back
+    assert os.path.basename(target) in os.listdir(os.path.dirname(target))
 
 
 # -- end to end (slow) -------------------------------------------------------------------------------
@@ -544,11 +549,12 @@ def test_ctrl_c_saves_and_exits_0_and_a_flipped_bit_falls_back_resuming_bit_for_
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_run_is_one_line_and_the_resume_is_clean(demo, reference, tmp_path):
+def test_disk_full_during_a_run_is_one_named_line_without_a_traceback(demo, reference, tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     os.symlink("/dev/full", work / "metrics.jsonl")
     proc = subprocess.run(_cmd(demo, work), env=_env(), capture_output=True, text=True, timeout=600)
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error")]
-    assert proc.returncode == 2 and lines and "disk full writing" in lines[0] and "free" in lines[0], proc.stderr[-3000:]
+    assert proc.returncode == 2 and lines and f"disk full writing {work}/metrics.jsonl" in lines[0], proc.stderr[-3000:]
+    assert "free on its file system" in lines[0]
     assert "Traceback" not in proc.stderr

@@ -42,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from oq2vl_jax import checkpoint
+from oq2vl_jax import checkpoint, integrity
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.config import Config
 from oq2vl_jax.hf_io import LazyTensors, read_model_dir, read_torch, read_weights_file, torch_tensors, torch_linear_init
@@ -328,6 +328,7 @@ def convert(args) -> str:
     checkpoint.save(mngr, 0, params=checkpoint.nest(flat))
     mngr.wait_until_finished()
     mngr.close()
+    integrity.write_manifest(os.path.join(checkpoint.checkpoint_dir(out), "0"))  # readers verify it
     return out
 
 
