@@ -135,17 +135,27 @@ def move_aside(run_dir: str, step_dir: str, reason: str) -> str:
 
 
 def latest_good_step(run_dir: str, steps, checkpoint_dir: str) -> int | None:
-    """The newest step that verifies, moving damaged or incomplete newer ones aside (main process)."""
+    """The newest step that verifies, moving damaged or incomplete newer ones aside (main process).
+    If none verifies, nothing is moved and CheckpointDamaged is raised: starting afresh in a workdir
+    whose checkpoints are all damaged must be the user's decision."""
     steps = sorted(steps, reverse=True)
+    if not steps:
+        return None
     dirs = {s: os.path.join(checkpoint_dir, str(s)) for s in steps}
-    any_manifest = any(has_manifest(d) for d in dirs.values())
-    for s in steps:
-        bad = problem(dirs[s])
-        if bad is None or (bad == "" and not any_manifest):
-            return s
-        move_aside(run_dir, dirs[s], bad or f"no {MANIFEST}: the save did not complete")
-        any_manifest = any(has_manifest(dirs[t]) for t in steps if t < s)
-    return None
+    bad = []
+    for i, s in enumerate(steps):
+        why = problem(dirs[s])
+        older_has_manifest = any(has_manifest(dirs[t]) for t in steps[i + 1:])
+        if why is None or (why == "" and not older_has_manifest):  # no manifest anywhere older: legacy
+            break
+        bad.append((s, why or f"no {MANIFEST}: the save did not complete"))
+    else:
+        raise CheckpointDamaged(f"no intact checkpoint under {checkpoint_dir}: " +
+                                "; ".join(f"{s}: {why}" for s, why in bad[:3]) +
+                                " (move them away to start afresh)")
+    for s, why in bad:
+        move_aside(run_dir, dirs[s], why)
+    return steps[len(bad)]
 
 
 def in_flight_dir(checkpoint_dir: str, step: int) -> str | None:

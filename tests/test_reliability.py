@@ -373,6 +373,20 @@ def jax_struct():
     return jax.ShapeDtypeStruct((256,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+def test_when_every_checkpoint_is_damaged_the_resume_stops_and_moves_nothing(tmp_path):
+    from oq2vl_jax import integrity
+
+    for s in (1, 2):
+        d = tmp_path / "checkpoints" / str(s) / "params"
+        d.mkdir(parents=True)
+        (d / "data").write_bytes(bytes(range(256)))
+        integrity.write_manifest(str(d.parent))
+        (d / "data").write_bytes(bytes(range(255)) + b"x")
+    with pytest.raises(integrity.CheckpointDamaged, match=r"no intact checkpoint .*2: params/data does not match"):
+        integrity.latest_good_step(str(tmp_path), [1, 2], str(tmp_path / "checkpoints"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
 def test_checkpoints_saved_before_manifests_existed_are_used_as_they_are(tmp_path):
     from oq2vl_jax import integrity
 
