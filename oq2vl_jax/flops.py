@@ -48,3 +48,17 @@ def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vis
     vision = vision_forward_flops_per_image(cfg) * images * (3.0 if vision_trained else 1.0)
     proj = 3.0 * projector_flops_per_image(cfg) * images
     return llm + attn + vision + proj
+
+
+# bf16 dense peak FLOP/s per device, by jax's device_kind (substring match, most specific first).
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
+
+
+def peak_flops_per_device(device_kind: str, configured_tflops: float | None) -> float | None:
+    """The peak used for MFU: the configured one, else the device kind's; None (MFU n/a) otherwise."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    for name, tflops in PEAK_BF16_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops * 1e12
+    return None

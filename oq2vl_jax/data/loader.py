@@ -104,22 +104,12 @@ def pack_stats(path: str) -> dict | None:
 
 def _check_source(cfg: LoaderConfig, path: str) -> None:
     """Fails early with a clear message when packing settings and loader settings disagree."""
+    from oq2vl_jax.resolve import check_source
+
     st = pack_stats(path)
-    if st is None:
-        return
-    if cfg.image_tokens is not None and st["mode"] != "text" and st["image_tokens"] != cfg.image_tokens:
-        raise ValueError(f"{path}: packed with {st['image_tokens']} placeholder tokens per image, the model "
-                         f"takes image_tokens={cfg.image_tokens}; repack with --image-tokens {cfg.image_tokens}")
-    if st["seq_len"] != cfg.seq_len:
-        raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
-    if st["mode"] != "text" and st["image_size"] != cfg.image_size:
-        raise ValueError(f"{path}: images stored at {st['image_size']}px, loader image_size={cfg.image_size}")
-    most = st.get("max_images_in_row", st["max_images"])  # what the rows hold, not the packer's cap
-    if most > cfg.max_images:
-        raise ValueError(f"{path}: has rows of {most} images (pack cap --max-images {st['max_images']}), "
-                         f"loader max_images={cfg.max_images}; raise max_images or repack with a lower cap")
-    if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
-        raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
+    if st is not None:
+        check_source(st, path, seq_len=cfg.seq_len, image_size=cfg.image_size, max_images=cfg.max_images,
+                     image_tokens=cfg.image_tokens, unpacked=cfg.mode == "unpacked_sft")
 
 
 def check_sources(cfg: LoaderConfig) -> None:
