@@ -21,7 +21,7 @@ def to_rgb8(im):
     from PIL import Image
 
     if im.mode not in _SIXTEEN_BIT + ("I", "F"):
-        return im if im.mode == "RGB" else im.convert("RGB")
+        return im.convert("RGB")  # a loaded copy even for RGB: callers close the file right after
     x = np.asarray(im)
     if im.mode in _SIXTEEN_BIT:
         grey = (x.astype(np.uint16) >> 8).astype(np.uint8)
