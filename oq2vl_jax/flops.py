@@ -11,12 +11,29 @@
   projector 2 * N_proj * patches or pooled tokens, x3 (it trains)
 
 Counting attention over the whole row (not per packed sample) makes figures comparable with a
-baseline that runs plain causal attention over the row.
+baseline that runs plain causal attention over the row. MFU divides by the devices' peak:
+`train.peak_tflops` when set, else the bf16 dense tensor-core peak of the device kind (below).
 """
 
 from __future__ import annotations
 
 from oq2vl_jax.models.config import ModelConfig
+
+
+# bf16 dense (no sparsity) tensor-core peaks in TFLOP/s per device, from NVIDIA's datasheets, found by
+# substring in jax's device_kind (e.g. "NVIDIA H100 80GB HBM3"); the first match wins, so the PCIe
+# H100 (fewer SMs, lower clocks) comes before the SXM figure. H200 and GH200 share the H100 SXM's
+# compute; they differ in memory.
+PEAK_BF16_TFLOPS = (("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("a100", 312.0), ("b200", 2250.0))
+
+
+def peak_flops_per_device(device_kind: str, configured_tflops: float | None = None) -> float | None:
+    """FLOP/s an MFU figure divides by: the configured peak, else the device kind's, else None
+    (unknown kind, e.g. a CPU: MFU is not reported rather than made up)."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    kind = device_kind.lower()
+    return next((tflops * 1e12 for name, tflops in PEAK_BF16_TFLOPS if name in kind), None)
 
 
 def llm_matmul_params(cfg: ModelConfig) -> int:
@@ -49,16 +66,3 @@ def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vis
     proj = 3.0 * projector_flops_per_image(cfg) * images
     return llm + attn + vision + proj
 
-
-# bf16 dense peak FLOP/s per device, by jax's device_kind (substring match, most specific first).
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
-
-
-def peak_flops_per_device(device_kind: str, configured_tflops: float | None) -> float | None:
-    """The peak used for MFU: the configured one, else the device kind's; None (MFU n/a) otherwise."""
-    if configured_tflops is not None:
-        return configured_tflops * 1e12
-    for name, tflops in PEAK_BF16_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return tflops * 1e12
-    return None
