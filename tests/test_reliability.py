@@ -123,6 +123,15 @@ def test_a_second_packer_into_an_output_folder_exits_2_and_deletes_nothing(tmp_p
     assert sorted(set(os.listdir(out)) - {locks.LOCK_FILE}) == before  # only the holder's lock added
 
 
+def test_a_second_curate_run_into_an_output_folder_exits_2(tmp_path, shards, holder, capsys):
+    from oq2vl_jax.data import curate
+
+    p = holder(tmp_path / "cur", "a curate run")
+    assert curate.main(["--input", str(shards / "00000.tar"), "--out", str(tmp_path / "cur"), "--dedup"]) == 2
+    assert f"PID {p.pid}" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "cur") == [".oq2vl.lock"]
+
+
 def test_pack_removes_temporary_files_of_a_killed_run_and_leaves_none_after_a_failure(tmp_path, shards,
                                                                                        monkeypatch):
     from oq2vl_jax.data import pack
