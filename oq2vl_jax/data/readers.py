@@ -66,7 +66,7 @@ def resolve_inputs(patterns: list[str], allow_missing: bool = False) -> list[str
     if missing and not allow_missing:
         few = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise MissingShards(f"--input: {len(missing)} of {expanded} shards named by the pattern(s) are missing "
-                            f"({few}); pass --allow-missing to pack the {len(out)} present")
+                            f"({few}); pass --allow-missing to use the {len(out)} present")
     return out
 
 
