@@ -232,7 +232,7 @@ def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped_in_every_path(na
     np.testing.assert_allclose(load_image(opened(), 16), (ref / 255.0 - 0.5) / 0.5, atol=1e-6)
     if isinstance(src, bytes):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(prepare_image(src, 16, "png")))), ref)
-    from oq2vl_jax.data.images import to_rgb8
+    from oq2vl_jax.images import to_rgb8
 
     np.testing.assert_array_equal(np.asarray(to_rgb8(opened())), want)
 
