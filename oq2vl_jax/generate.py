@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oq2vl_jax import preflight
 from oq2vl_jax.images import normalize
 from oq2vl_jax.models.cache import KVCache
 from oq2vl_jax.treepaths import dotted
@@ -491,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(p, args) -> int:
+    preflight.check_generate_args(args)
     fmt = args.format or ("fewshot" if args.shots else "caption")
     if (fmt == "fewshot") != bool(args.shots):
         p.error("--shots goes with --format fewshot (and fewshot needs --shots)")
@@ -498,15 +500,17 @@ def _main(p, args) -> int:
         p.error("--image goes with --prompt; put images in the --input records")
     requests = _read_jsonl(args.input, _request) if args.input else [{"prompt": args.prompt, "images": args.image}]
     shots = _read_jsonl(args.shots, _shot) if args.shots else []
+    preflight.check_images([im for r in requests for im in r["images"]] + [s["image"] for s in shots])
 
+    from oq2vl_jax import checkpoint
     from oq2vl_jax.data.tokenizer import load_tokenizer
 
-    t0 = time.perf_counter()
-    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
-    tok_path = args.tokenizer or cfg.tokenizer
+    tok_path = args.tokenizer or checkpoint.resolve_checkpoint_config(args.checkpoint).tokenizer
     if not tok_path:
         p.error(f"{args.checkpoint}/config.yaml names no tokenizer; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)  # a broken folder is named before the model loads
+    t0 = time.perf_counter()
+    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
     print(f"loaded {args.checkpoint} step {step} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0]}",
           file=sys.stderr)
     stats = Stats()

@@ -339,7 +339,8 @@ def test_rerun_never_trusts_damaged_or_stale_markers(demo, tmp_path, monkeypatch
         resolve_source(str(out))
     logs.clear()
     pack.run(_cfg(demo, out), shards, log=logs.append)
-    assert "00000: packed" in logs[0] and rows_file.read_bytes() == good
+    assert logs[0] == "removed 00000.stats.json.tmp: left by an interrupted run"  # the killed run's temp file
+    assert "00000: packed" in logs[1] and rows_file.read_bytes() == good
     assert len(resolve_source(str(out))) == 2
 
 

@@ -32,6 +32,7 @@ readable part is curated; a re-run retries them). Pack the result with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ import time
 
 import numpy as np
 
-from oq2vl_jax import cli
+from oq2vl_jax import cli, failures, locks
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.curate_score import (SCORES_VERSION, TABLE_COLUMNS, Scorers, TarSamples, _arrow_type,
                                          _marker_ok, _write_json, score_unit)
@@ -223,7 +224,15 @@ def _score_summary(cols: Columns, mlm_column: str) -> dict:
 
 
 def run(cfg: CurateConfig, inputs: list[str]) -> dict:
-    """Curates `inputs` (resolved shard paths) into cfg.out; returns (and writes) DIR/stats.json."""
+    """Curates `inputs` (resolved shard paths) into cfg.out; returns (and writes) DIR/stats.json.
+    OUT is locked by process 0 meanwhile: a second curate run into it is refused, naming this one."""
+    with failures.writing(cfg.out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with locks.hold(cfg.out, "a curate run") if _process()[0] == 0 else contextlib.nullcontext():
+            return _run(cfg, inputs)
+
+
+def _run(cfg: CurateConfig, inputs: list[str]) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -358,6 +367,8 @@ def main(argv=None) -> int:
     g.add_argument("--drop-uids", action="append", default=[], metavar="FILE", help="uids never kept; repeatable")
     g.add_argument("--dedup", action="store_true", help="drop exact repeats of an earlier kept sample (pixels, uid)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--allow-missing", action="store_true",
+                   help="curate the shards a brace pattern names that exist, even if some are missing")
     args = p.parse_args(argv)
 
     def body():
@@ -372,7 +383,7 @@ def main(argv=None) -> int:
         for flag, path in (("--mlm-filter", cfg.mlm_filter), ("--siglip-score", cfg.siglip), ("--scores", cfg.scores)):
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path!r} does not exist")
-        run(cfg, readers.resolve_inputs(args.input))
+        run(cfg, readers.resolve_inputs(args.input, args.allow_missing))
 
     return cli.run(body, args)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.data.records import decode_row
-from oq2vl_jax.images import normalize
+from oq2vl_jax.images import normalize, to_rgb8
 
 MODES = ("packed", "unpacked_sft")
 SAMPLERS = ("shuffle", "modality_length")
@@ -185,7 +185,7 @@ class RowDecoder:
         for i in range(n_img):
             try:
                 with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
-                    px = np.asarray(im.convert("RGB"))
+                    px = np.asarray(to_rgb8(im))
             except Exception:  # noqa: BLE001 (PIL raises many types); the sample is not trained on
                 corrupt += 1
                 loss_mask[row["segment_ids"] == row["image_segment_ids"][i]] = 0

@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from oq2vl_jax import failures, locks
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.ffd import first_fit_decreasing
 from oq2vl_jax.data import transforms
@@ -358,35 +359,46 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
 
     from tqdm import tqdm
 
-    # Per-unit progress (terminals only): one huge input file is one unit and may take hours.
-    bar = tqdm(desc=unit.name, unit=" samples", disable=None, leave=False, mininterval=5)
-    for path in unit.inputs:
-        gen = _iter_samples(cfg, path)
-        while True:
+    try:
+        # Per-unit progress (terminals only): one huge input file is one unit and may take hours.
+        bar = tqdm(desc=unit.name, unit=" samples", disable=None, leave=False, mininterval=5)
+        for path in unit.inputs:
+            gen = _iter_samples(cfg, path)
+            while True:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    if stop.value:
+                        shard_errors[path] = stop.value
+                    break
+                bar.update()
+                tally["samples_in"] += 1
+                if isinstance(item[1], SampleError):
+                    skipped[item[1].reason] += 1
+                    skipped_keys.append([item[0], item[1].reason])
+                else:
+                    kept.append(item)
+                    if len(kept) >= cfg.max_samples_in_memory:
+                        flush()
+        flush()
+        bar.close()
+        if writer is not None:
+            writer.close()
+            os.replace(tmp, rows_path)
+            with open(info_path + ".tmp", "wb") as f:
+                np.save(f, np.frombuffer(row_info, np.int32).reshape(-1, 2))
+            os.replace(info_path + ".tmp", info_path)
+    except BaseException:  # e.g. a full disk or a kill: no .tmp-<pid> left behind
+        if writer is not None:
             try:
-                item = next(gen)
-            except StopIteration as stop:
-                if stop.value:
-                    shard_errors[path] = stop.value
-                break
-            bar.update()
-            tally["samples_in"] += 1
-            if isinstance(item[1], SampleError):
-                skipped[item[1].reason] += 1
-                skipped_keys.append([item[0], item[1].reason])
-            else:
-                kept.append(item)
-                if len(kept) >= cfg.max_samples_in_memory:
-                    flush()
-    flush()
-    bar.close()
-    if writer is not None:
-        writer.close()
-        os.replace(tmp, rows_path)
-        with open(info_path + ".tmp", "wb") as f:
-            np.save(f, np.frombuffer(row_info, np.int32).reshape(-1, 2))
-        os.replace(info_path + ".tmp", info_path)
-    else:
+                writer.close()
+            except Exception:
+                pass
+        for leftover in (tmp, info_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    if writer is None:
         for stale in (rows_path, info_path):  # output of an earlier run with different settings
             if os.path.exists(stale):
                 os.remove(stale)
@@ -460,11 +472,27 @@ def _remove_stale(out: str, names: set[str], log) -> None:
                 log(f"removed {f}: output of an earlier run, not a unit of this one")
 
 
+def _remove_leftover_tmp(out: str, log) -> None:
+    """Temporary files of a killed run into `out` (only called while holding its lock)."""
+    for f in sorted(os.listdir(out)):
+        if ".tmp-" in f or f.endswith(".tmp"):
+            os.remove(os.path.join(out, f))
+            log(f"removed {f}: left by an interrupted run")
+
+
 def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, log=print) -> dict:
-    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json."""
+    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json.
+    OUT is locked meanwhile: a second packer into it is refused, naming this one."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    os.makedirs(cfg.out, exist_ok=True)
+    with failures.writing(cfg.out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with locks.hold(cfg.out, "a pack run"):
+            _remove_leftover_tmp(cfg.out, log)
+            return _run(cfg, inputs, window, workers, log)
+
+
+def _run(cfg: PackConfig, inputs: list[str], window: int, workers: int, log) -> dict:
     from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
 
     ids = special_ids(load_tokenizer(cfg.tokenizer))  # recorded so training can derive them from the data
@@ -544,6 +572,8 @@ def main(argv=None) -> int:
     g.add_argument("--window", type=int, help="input shards packed together (default 1)")
     g.add_argument("--workers", type=int)
     g.add_argument("--text-key", help="text mode: json/jsonl field holding the document")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="pack the shards a brace pattern names that exist, even if some are missing")
     g.add_argument("--truncate", action="store_const", const=True,
                    help="cut samples longer than seq_len (as the original) instead of skipping them")
     g.add_argument("--max-samples-in-memory", type=int,
@@ -569,7 +599,7 @@ def main(argv=None) -> int:
         if a.tokenizer:
             values["tokenizer"] = a.tokenizer
         cfg = cli.load_config(a, values)
-        inputs = readers.resolve_inputs(a.input)
+        inputs = readers.resolve_inputs(a.input, a.allow_missing)
         settings = resolve.for_pack(cfg, a.out)
         run(settings, inputs, window=cfg.pack.window, workers=cfg.pack.workers,
             log=lambda m: print(m, file=sys.stderr, flush=True))

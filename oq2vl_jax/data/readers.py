@@ -15,6 +15,7 @@ import tarfile
 from typing import Iterator
 
 from oq2vl_jax.data import transforms
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.data.samples import SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -38,19 +39,34 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
-def resolve_inputs(patterns: list[str]) -> list[str]:
-    """Brace-expands then globs each pattern; keeps the given order, drops duplicates."""
-    out, seen = [], set()
+class MissingShards(UserError):
+    """A brace pattern names shards that are not there (a partial download or copy)."""
+
+
+def resolve_inputs(patterns: list[str], allow_missing: bool = False) -> list[str]:
+    """Brace-expands then globs each pattern; keeps the given order, drops duplicates.
+    A brace pattern whose expansions are only partly present is refused (naming a few missing)
+    unless `allow_missing`."""
+    out, seen, missing, expanded = [], set(), [], 0
     for pattern in patterns:
         hits = []
-        for p in expand_braces(pattern):
-            hits.extend(sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else []))
+        names = expand_braces(pattern)
+        for p in names:
+            found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
+            if not found and len(names) > 1:
+                missing.append(p)
+            hits.extend(found)
+        expanded += len(names) if len(names) > 1 else 0
         if not hits:
             raise FileNotFoundError(f"--input pattern matched no file: {pattern!r}")
         for h in hits:
             if h not in seen:
                 seen.add(h)
                 out.append(h)
+    if missing and not allow_missing:
+        few = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise MissingShards(f"--input: {len(missing)} of {expanded} shards named by the pattern(s) are missing "
+                            f"({few}); pass --allow-missing to use the {len(out)} present")
     return out
 
 

@@ -104,7 +104,7 @@ class SampleBuilder:
 
     # -- sample kinds -----------------------------------------------------------------------------
     def caption(self, caption: str) -> Tokens:
-        if caption is None or not caption.strip():
+        if not has_printable(caption):
             raise SampleError("empty_caption")
         body = self._encode_text("\n" + caption.replace(IMAGE_TAG, "<image-placeholder>"))
         ids = [self.ids.bos] + [self.ids.image] * self.image_tokens + body + [self.ids.eos]
@@ -113,7 +113,7 @@ class SampleBuilder:
         return Tokens(np.asarray(ids, np.int32), mask, 1)
 
     def text(self, doc: str) -> Tokens:
-        if doc is None or not doc.strip():
+        if not has_printable(doc):
             raise SampleError("empty_text")
         ids = [self.ids.bos] + self._encode_text(doc) + [self.ids.eos]
         return Tokens(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), 0)
@@ -182,6 +182,11 @@ class SampleBuilder:
         out = self._finish(pieces, n_img)
         out.loss_mask[out.input_ids == self.ids.image] = 0
         return out
+
+
+def has_printable(text: str | None) -> bool:
+    """False for None, "" and text of only whitespace, NUL or other control characters."""
+    return bool(text) and any(c.isprintable() and not c.isspace() for c in text)
 
 
 def count_image_tags(turns) -> int:

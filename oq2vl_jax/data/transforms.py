@@ -34,9 +34,14 @@ def check(strategy: str, alpha: str, pre_squash: str) -> None:
 
 
 def to_rgb(im, alpha: str = "white"):
-    """RGB PIL image; transparency composited on white ("white") or discarded ("drop")."""
+    """RGB PIL image; transparency composited on white ("white") or discarded ("drop"); high bit
+    depths scaled to 8 bits (images.to_rgb8), not clipped."""
     from PIL import Image
 
+    from oq2vl_jax.images import HIGH_BIT_DEPTH, to_rgb8
+
+    if im.mode in HIGH_BIT_DEPTH:  # no alpha in these modes
+        return to_rgb8(im)
     if alpha == "drop":
         return im.convert("RGB")
     if "A" not in im.getbands() and im.info.get("transparency") is None:

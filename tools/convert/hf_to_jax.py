@@ -55,7 +55,7 @@ import time
 import jax
 import numpy as np
 
-from oq2vl_jax import checkpoint
+from oq2vl_jax import checkpoint, integrity
 from oq2vl_jax import cli
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.config import Config
@@ -507,6 +507,7 @@ def _write(out: str, args, model_cfg: ModelConfig, tok, vision_sd, projector_sd,
     checkpoint.save(mngr, 0, params=checkpoint.nest(flat))
     mngr.wait_until_finished()
     mngr.close()
+    integrity.write_manifest(os.path.join(checkpoint.checkpoint_dir(out), "0"))  # readers verify it
     return out
 
 
