@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from oq2vl_jax import preflight
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.images import normalize
 from oq2vl_jax.models.cache import KVCache
 from oq2vl_jax.treepaths import dotted
@@ -448,6 +449,10 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     return nnx.merge(graphdef, abstract), cfg, step
 
 
+class BadRequest(UserError, ValueError):
+    """A request or shots file line that cannot be used (named by path:line; exit 2 from the CLI)."""
+
+
 def _read_jsonl(path: str, parse) -> list:
     """parse(record) of every non-blank line; a bad line is an error naming path:line."""
     out = []
@@ -458,11 +463,11 @@ def _read_jsonl(path: str, parse) -> list:
             try:
                 out.append(parse(json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e.msg} (column {e.colno})") from None
+                raise BadRequest(f"{path}:{n}: not JSON: {e.msg} (column {e.colno})") from None
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+                raise BadRequest(f"{path}:{n}: {e}") from None
     if not out:
-        raise ValueError(f"{path} has no records")
+        raise BadRequest(f"{path} has no records")
     return out
 
 
