@@ -64,7 +64,7 @@ def _run(*args) -> int:
 def _kept_uids(out: str) -> list[str]:
     uids = []
     for path in readers.resolve_inputs([os.path.join(out, "shards", "*.tar")]):
-        for _, files in readers.read_tar(path)[0]:
+        for _, files in readers.iter_tar(path):
             uids.append(curate_score._uid(files))
     return uids
 
@@ -185,11 +185,11 @@ def test_corrupt_samples_are_counted_and_not_fatal(tmp_path):
     first = [(st, u) for sh, st, u in zip(table["shard"], table["status"], table["uid"]) if sh.endswith("00000.tar")]
     assert first == [("ok", _uid(0)), ("corrupt_image", _uid(1)), ("ok", None), ("missing_image", None),
                      ("missing_caption", None), ("ok", _uid(5))]  # a bad json only loses the uid
-    # The cut shard yields what could be read (its last, partial sample lacks its caption).
+    # The cut shard is a bad shard and yields what could be read (its last, partial sample lacks its caption).
     assert stats["samples_in"] == 6 + 3 and stats["unreadable"] == {"corrupt_image": 1, "missing_caption": 2,
                                                                      "missing_image": 1}
     assert stats["kept"] == 5 and _accounted(stats)
-    assert [os.path.basename(p) for p in stats["bad_shards"]] == ["00002.tar"]
+    assert [os.path.basename(p) for p in stats["bad_shards"]] == ["00001.tar", "00002.tar"]  # cut, not a tar
     assert _kept_uids(out) == [_uid(0), None, _uid(5), _uid(10), _uid(11)]
 
 
@@ -199,7 +199,7 @@ def test_resume_after_a_kill_reuses_finished_shards_and_matches_an_uninterrupted
     args = ["--input", pattern, "--samples-per-shard", "5", "--dedup"]
     assert _run(*args, "--out", ref) == 0
 
-    real_read = readers.read_tar
+    real_read = readers.iter_tar
     calls = []
 
     def killed_on_third(path):
@@ -208,9 +208,9 @@ def test_resume_after_a_kill_reuses_finished_shards_and_matches_an_uninterrupted
             raise KeyboardInterrupt
         return real_read(path)
 
-    monkeypatch.setattr(readers, "read_tar", killed_on_third)
+    monkeypatch.setattr(readers, "iter_tar", killed_on_third)
     assert _run(*args, "--out", out) == 130
-    monkeypatch.setattr(readers, "read_tar", real_read)
+    monkeypatch.setattr(readers, "iter_tar", real_read)
     done = {f: os.stat(os.path.join(out, "scores", f)).st_mtime_ns for f in ("00000.parquet", "00001.parquet")}
     assert not os.path.exists(os.path.join(out, "scores", "00002.json"))
     assert _run(*args, "--out", out) == 0
