@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oq2vl_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from oq2vl_jax.models.config import ModelConfig, Qwen2VLVisionConfig, TextConfig, VisionConfig
+from oq2vl_jax.models.qwen2_vl import Qwen2VL
 from oq2vl_jax.models.vlm import OQ2VL
 from oq2vl_jax.models.weights import hf_to_ours
 from oq2vl_jax.sharding import state_shardings, use_mesh
@@ -19,12 +20,12 @@ from oq2vl_jax.sharding import state_shardings, use_mesh
 # eager sharding would demand a mesh context even for plain single-device models.
 nnx.use_eager_sharding(False)
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "OQ2VL", "ARCHS", "model_class", "build", "build_abstract",
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "Qwen2VLVisionConfig", "OQ2VL", "Qwen2VL", "ARCHS", "model_class", "build", "build_abstract",
            "build_sharded", "flat_params", "assign_params", "count_params", "load_hf"]
 
 
 # model.arch -> the model class; each takes (cfg, rngs=) and shares the batch layout of models/vlm.py.
-ARCHS = {"oq2vl": OQ2VL}
+ARCHS = {"oq2vl": OQ2VL, "qwen2_vl": Qwen2VL}
 
 
 def model_class(cfg: ModelConfig):
