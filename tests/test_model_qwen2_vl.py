@@ -5,6 +5,7 @@ packed patch row, the whole model on a batch and on a packed row."""
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 
 from hf_tiny import QWEN2_VL_IDS, hf_qwen2_vl, our_qwen2_vl_config, state_dict_np
@@ -82,7 +83,7 @@ def test_tower_on_a_packed_patch_row_matches_hf(hf, ours, processed):
     # Row 0: all three images and 8 patches of padding; row 1: the last image alone.
     rows = [pack_patch_row(mine, n + 8), pack_patch_row(mine[2:], n + 8)]
     patches, seg, pos = (np.stack(x) for x in zip(*rows))
-    got = np.asarray(ours.visual(patches, seg, pos))
+    got = np.asarray(nnx.jit(lambda m, *a: m(*a))(ours.visual, patches, seg, pos))
     np.testing.assert_allclose(got[0, :n // 4], want, atol=TOL, rtol=0)
     last = len(mine[2][0]) // 4
     np.testing.assert_allclose(got[1, :last], want[-last:], atol=TOL, rtol=0)
@@ -138,6 +139,14 @@ def _batch(rows):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+@nnx.jit
+def _logits_and_loss(model, batch):
+    """One compiled forward (eager dispatch of every op costs more than the tiny model's compile)."""
+    logits = model(batch["input_ids"], batch["positions"], batch["segment_ids"], batch["patches"],
+                   batch["patch_segment_ids"], batch["patch_positions"])
+    return logits, model.loss(batch)
+
+
 @pytest.fixture(scope="module")
 def samples(processed):
     images, mine, _ = processed
@@ -152,12 +161,10 @@ def test_whole_model_matches_hf_on_a_batch_of_different_images(hf, ours, process
     ref_logits, ref_loss = _hf_forward(hf, [s for s, _, _ in samples], [i for _, i, _ in samples], processed)
     t = ref_logits.shape[1]
     batch = _batch([_row([s], [m], t, 40, ours.cfg.qwen2_vl_vision) for s, _, m in samples])
-    logits = np.asarray(ours(batch["input_ids"], batch["positions"], batch["segment_ids"], batch["patches"],
-                             batch["patch_segment_ids"], batch["patch_positions"]))
+    logits, (total, count) = _logits_and_loss(ours, batch)
     for b, (s, _, _) in enumerate(samples):
         n = len(s[0])
-        np.testing.assert_allclose(logits[b, :n], ref_logits[b, :n], atol=TOL, rtol=0)
-    total, count = ours.loss(batch)
+        np.testing.assert_allclose(np.asarray(logits)[b, :n], ref_logits[b, :n], atol=TOL, rtol=0)
     np.testing.assert_allclose(float(total / count), ref_loss, atol=1e-5, rtol=0)
 
 
@@ -165,8 +172,8 @@ def test_packed_row_equals_each_sample_alone(hf, ours, processed, samples):
     t = sum(len(s[0]) for s, _, _ in samples) + 5
     row = _row([s for s, _, _ in samples], [m for _, _, m in samples], t, 56, ours.cfg.qwen2_vl_vision)
     batch = _batch([row])
-    logits = np.asarray(ours(batch["input_ids"], batch["positions"], batch["segment_ids"], batch["patches"],
-                             batch["patch_segment_ids"], batch["patch_positions"]))[0]
+    logits, (total, count) = _logits_and_loss(ours, batch)
+    logits = np.asarray(logits)[0]
     start, total_loss, total_count = 0, 0.0, 0
     for s, imgs, _ in samples:
         ref_logits, ref_loss = _hf_forward(hf, [s], [imgs], processed)
@@ -175,6 +182,5 @@ def test_packed_row_equals_each_sample_alone(hf, ours, processed, samples):
         c = int(s[1][1:].sum())
         total_loss, total_count = total_loss + ref_loss * c, total_count + c
         start += n
-    total, count = ours.loss(batch)
     assert int(count) == total_count
     np.testing.assert_allclose(float(total / count), total_loss / total_count, atol=1e-5, rtol=0)
