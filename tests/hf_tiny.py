@@ -67,12 +67,14 @@ QWEN2_VL_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_h
 QWEN2_VL_IDS = dict(image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=101, vision_end_token_id=102)
 
 
-def hf_qwen2_vl(tie: bool = False, seed: int = 0):
+def hf_qwen2_vl(tie: bool = False, seed: int = 0, vocab_size: int = 128, ids: dict | None = None):
+    """ids: image/vision_start/vision_end token ids (default QWEN2_VL_IDS; a tokenizer's for converters)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(vision_config=QWEN2_VL_VISION, text_config=QWEN2_VL_TEXT, tie_word_embeddings=tie,
-                        video_token_id=103, **QWEN2_VL_IDS)
+    ids = ids or QWEN2_VL_IDS
+    cfg = Qwen2VLConfig(vision_config=QWEN2_VL_VISION, text_config={**QWEN2_VL_TEXT, "vocab_size": vocab_size},
+                        tie_word_embeddings=tie, video_token_id=max(ids.values()) + 1, **ids)
     cfg._attn_implementation = "eager"
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # HF inits biases (and LayerNorms) plainly; make them matter
