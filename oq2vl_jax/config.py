@@ -41,10 +41,15 @@ class DataConfig:
     # "uint8": workers hand over raw pixels and the model normalises them on the device (4x less to
     # copy between processes and to the GPU); "float32": normalised to [-1, 1] in the workers.
     image_dtype: Literal["float32", "uint8"] = "float32"
+    # model.arch qwen2_vl: patches per row's patch row (0 = 4 * seq_len, room for any row; pack with
+    # --max-patches to use less).
+    max_patches: int = 0
 
     def __post_init__(self):
         if self.global_batch_size < 1 or self.seq_len < 2 or self.max_images < 0:
             raise ValueError("global_batch_size >= 1, seq_len >= 2 and max_images >= 0 are required")
+        if self.max_patches < 0 or self.max_patches % 4:
+            raise ValueError(f"data.max_patches={self.max_patches} must be a multiple of 4 (0 = 4 * seq_len)")
 
 
 @dataclasses.dataclass(frozen=True)

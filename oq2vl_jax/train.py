@@ -64,6 +64,8 @@ def check_tokenizer(cfg: Config) -> None:
     """The model's image placeholder id must be the tokenizer's `<|image_pad|>` the data was packed with."""
     if not cfg.tokenizer:
         return
+    if cfg.model.arch == "qwen2_vl":
+        return check_qwen2_vl_tokenizer(cfg)
     from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
 
     if not os.path.isdir(cfg.tokenizer):
@@ -76,14 +78,38 @@ def check_tokenizer(cfg: Config) -> None:
         raise ConfigError(f"model.text.vocab_size={cfg.model.text.vocab_size} < tokenizer size {ids.vocab_len}")
 
 
+def check_qwen2_vl_tokenizer(cfg: Config) -> None:
+    """model.arch qwen2_vl: the image / vision start / vision end ids are the tokenizer's."""
+    from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer, qwen2_vl_ids
+
+    if not os.path.isdir(cfg.tokenizer):
+        raise ConfigError(f"tokenizer: {cfg.tokenizer!r} is not a directory")
+    try:
+        ids = qwen2_vl_ids(load_qwen2_vl_tokenizer(cfg.tokenizer))
+    except ValueError as e:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r}: {e}") from None
+    m = cfg.model
+    for name, ours, theirs in (("image_token_id", m.image_token_id, ids.image),
+                               ("vision_start_token_id", m.vision_start_token_id, ids.vision_start),
+                               ("vision_end_token_id", m.vision_end_token_id, ids.vision_end)):
+        if ours != theirs:
+            raise ConfigError(f"model.{name}={ours} but the tokenizer {cfg.tokenizer!r} has {theirs}")
+    if ids.vocab_len > m.text.vocab_size:
+        raise ConfigError(f"model.text.vocab_size={m.text.vocab_size} < tokenizer size {ids.vocab_len}")
+
+
 def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
     from oq2vl_jax.data.loader import LoaderConfig
 
+    qwen2_vl = cfg.model.arch == "qwen2_vl"
     return LoaderConfig(
         sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
         max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
         num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode, image_dtype=cfg.data.image_dtype,
         image_tokens=cfg.model.image_tokens,
+        qwen2_vl=cfg.model.qwen2_vl_vision if qwen2_vl else None,
+        max_patches=(cfg.data.max_patches or 4 * cfg.data.seq_len) if qwen2_vl else 0,
+        image_token_id=cfg.model.image_token_id,
     )
 
 
@@ -147,7 +173,7 @@ def to_global(local: dict, shardings: dict, micro: int | None) -> dict:
     """Per-process numpy batch -> global jax arrays; with `micro`, rows are split into micro-batches."""
     out = {}
     n_proc = jax.process_count()
-    for k in MODEL_KEYS:
+    for k in shardings:
         x = np.asarray(local[k])
         if micro is not None:
             x = x.reshape((micro, x.shape[0] // micro) + x.shape[1:])
@@ -187,7 +213,8 @@ class Trainer:
         abs_flat = flat_params(abstract)
         self.param_shardings = {p: a.sharding for p, a in abs_flat.items()}
         abs_train, abs_frozen = split_params(abs_flat, cfg)
-        self.vision_trained = "vision_tower" in abs_train  # counts 3x (forward + backward) in MFU
+        # The tower counts 3x (forward + backward) in MFU when any of its blocks trains.
+        self.vision_trained = "vision_tower" in abs_train or "blocks" in abs_train.get("visual", {})
         self.tx = optimizer(cfg, abs_train)
         abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_train, "frozen": abs_frozen,
                      "opt_state": jax.eval_shape(self.tx.init, abs_train)}
@@ -282,7 +309,7 @@ class Trainer:
             if i >= cfg.train.eval_batches:
                 break
             if example is None:
-                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_KEYS}, False)
+                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_KEYS if k in local}, False)
             out = jax.device_get(self.eval_step(state, to_global(local, example, None)))
             total, count = total + float(out["loss_sum"]), count + float(out["target_tokens"])
         return {"loss": total / max(count, 1.0), "target_tokens": count}
@@ -357,7 +384,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
             logger.advance()
             window_tokens += host["tokens"]
             window_flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images,
-                                             vision_trained=trainer.vision_trained)
+                                             vision_trained=trainer.vision_trained,
+                                             patch_row=cfg.data.max_patches or 4 * cfg.data.seq_len)
             if s % cfg.train.log_every == 0 or s == total_steps:
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_s"] = window_tokens / elapsed
@@ -383,7 +411,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 log.warning("step %d: %d damaged record(s)/image(s) in this process's data, skipped "
                             "(%d so far)", step + 1, corrupt, corrupt_total)
             if shardings is None:
-                example = {k: np.asarray(local[k]) for k in MODEL_KEYS}
+                example = {k: np.asarray(local[k]) for k in MODEL_KEYS if k in local}
                 example = {k: v.reshape((micro, v.shape[0] // micro) + v.shape[1:]) for k, v in example.items()}
                 shardings = batch_shardings(trainer.mesh, example, True)
             if (cfg.model.attention == "cudnn" and jax.process_count() == 1
@@ -392,6 +420,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                                   f"{cfg.model.max_segments}; raise it or pack fewer samples per row")
             batch = to_global(local, shardings, micro)
             n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
+            if "patch_segment_ids" in local:  # qwen2_vl: the tower's work is in patches, not images
+                n_images = int(np.count_nonzero(local["patch_segment_ids"])) * jax.process_count()
             state, metrics = trainer.train_step(state, batch)
             step += 1
             settle()  # the previous step

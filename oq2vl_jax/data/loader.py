@@ -19,6 +19,9 @@ Batches (B = batch_size per process, L = seq_len, M = max_images):
 Images fill the slots in placeholder order, so slot j feeds the j-th run of image-pad tokens of the row.
 The train iterator's state names the data it indexes (batch, processes, seed, sources and their files
 and rows); restoring it into a loader built differently is refused.
+With `qwen2_vl` set (model.arch qwen2_vl) rows decode by qwen2_vl_rows.Qwen2VLRowDecoder instead:
+positions int32[B, 3, L], patches float32[B, P, 588], patch_segment_ids int32[B, P], patch_positions
+int32[B, P, 2] (P = max_patches) in place of images/image_segment_ids.
 """
 from __future__ import annotations
 
@@ -56,6 +59,10 @@ class LoaderConfig:
     worker_buffer_size: int = 2  # batches buffered per worker
     image_dtype: str = "float32"  # "float32" (normalised here) | "uint8" (normalised on the device)
     image_tokens: int | None = None  # the model's tokens per image; checked against the packed data
+    # Qwen2-VL: its vision config (resize bounds), patches per row and image placeholder id.
+    qwen2_vl: object | None = None
+    max_patches: int = 0
+    image_token_id: int = 0
 
     def __post_init__(self):
         if self.image_dtype not in ("float32", "uint8"):
@@ -102,11 +109,47 @@ def pack_stats(path: str) -> dict | None:
     return None
 
 
+def _check_qwen2_vl_source(cfg: LoaderConfig, path: str, st: dict) -> None:
+    v = cfg.qwen2_vl
+    if st["mode"] not in ("text", "qwen2vl_caption", "qwen2vl_sft"):
+        raise ValueError(f"{path}: packed with --mode {st['mode']}; model.arch qwen2_vl reads qwen2vl_caption/"
+                         "qwen2vl_sft (or text) data")
+    if st["seq_len"] != cfg.seq_len:
+        raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
+    if st["mode"] != "text":
+        if (st["min_pixels"], st["max_pixels"]) != (v.min_pixels, v.max_pixels):
+            raise ValueError(f"{path}: images resized for min/max pixels {st['min_pixels']}/{st['max_pixels']}, "
+                             f"the model's qwen2_vl_vision says {v.min_pixels}/{v.max_pixels}")
+        if st["max_patches"] > cfg.max_patches:
+            raise ValueError(f"{path}: rows of up to {st['max_patches']} patches (pack --max-patches), loader "
+                             f"max_patches={cfg.max_patches}; raise data.max_patches or repack")
+    if st.get("max_images_in_row", 0) > cfg.max_images:
+        raise ValueError(f"{path}: has rows of {st['max_images_in_row']} images, loader max_images="
+                         f"{cfg.max_images}; raise data.max_images")
+
+
+def row_decoder(cfg: LoaderConfig):
+    """The Grain map that decodes this loader's rows."""
+    one = cfg.mode == "unpacked_sft"
+    if cfg.qwen2_vl is not None:
+        from oq2vl_jax.data.qwen2_vl_rows import Qwen2VLRowDecoder
+
+        return Qwen2VLRowDecoder(cfg.seq_len, cfg.max_images, cfg.max_patches, cfg.qwen2_vl, cfg.image_token_id, one)
+    return RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, one, cfg.image_dtype)
+
+
 def _check_source(cfg: LoaderConfig, path: str) -> None:
     """Fails early with a clear message when packing settings and loader settings disagree."""
     st = pack_stats(path)
     if st is None:
         return
+    if cfg.qwen2_vl is not None:
+        _check_qwen2_vl_source(cfg, path, st)
+        if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
+            raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
+        return
+    if st["mode"].startswith("qwen2vl"):
+        raise ValueError(f"{path}: packed for Qwen2-VL (--mode {st['mode']}); this model is arch oq2vl")
     if cfg.image_tokens is not None and st["mode"] != "text" and st["image_tokens"] != cfg.image_tokens:
         raise ValueError(f"{path}: packed with {st['image_tokens']} placeholder tokens per image, the model "
                          f"takes image_tokens={cfg.image_tokens}; repack with --image-tokens {cfg.image_tokens}")
@@ -283,7 +326,7 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     if pc > 1:
         ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
-    return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype))
+    return ds.map(row_decoder(cfg))
 
 
 def data_layout(cfg: LoaderConfig, process_index: int, process_count: int, opened=None) -> dict:
@@ -359,7 +402,7 @@ def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=N
     total = len(ds)
     per_process = -(-total // pc)
     n_batches = -(-per_process // cfg.batch_size)
-    decoder = RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype)
+    decoder = row_decoder(cfg)
     mine = ds[pi::pc]
     empty = decoder.empty(pad_id)
 

@@ -20,6 +20,12 @@ bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exac
 original's transform.
 
 Every input sample is either packed into exactly one row or counted in ``skipped`` with its reason.
+
+Qwen2-VL (``--mode qwen2vl_caption`` / ``qwen2vl_sft``, a Qwen2-VL tokenizer): each image is stored
+resized as Qwen2-VL's processor resizes it (``--min-pixels``/``--max-pixels``), and a sample's length
+counts its images' own token numbers ((h/28)(w/28) each, plus the vision start/end markers). Rows are
+packed with a second bound, ``--max-patches`` per row (4 per image token; default 4 * seq_len), so the
+loader's fixed patch rows always fit.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from oq2vl_jax.data.ffd import first_fit_decreasing
 from oq2vl_jax.data.records import assemble_row, encode_row
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
-MODES = ("caption", "sft", "text")
+MODES = ("caption", "sft", "text", "qwen2vl_caption", "qwen2vl_sft")
 STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
 
 
@@ -63,6 +69,22 @@ class PackConfig:
     # Cut samples longer than seq_len to seq_len (the original truncated rows to 4096) instead of
     # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
     truncate: bool = False
+    # Qwen2-VL modes only: the processor's resize bounds and the per-row patch budget.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    max_patches: int | None = None  # None: 4 * seq_len (every row's images fit)
+
+    @property
+    def qwen2vl(self) -> bool:
+        return self.mode.startswith("qwen2vl")
+
+    def qwen2vl_vision(self):
+        from oq2vl_jax.models.config import Qwen2VLVisionConfig
+
+        return Qwen2VLVisionConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def resolved_max_patches(self) -> int:
+        return self.max_patches if self.max_patches is not None else 4 * self.seq_len
 
     def __post_init__(self):  # named at once, not after the first shard has been read
         for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
@@ -70,18 +92,24 @@ class PackConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
-                          ("max_samples", 1)):
+                          ("max_samples", 1), ("min_pixels", 1), ("max_pixels", 1), ("max_patches", 4)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be >= {low}, got {v}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.qwen2vl:
+            if self.truncate:
+                raise ValueError("truncate is not supported for the qwen2vl modes")
+            self.qwen2vl_vision()  # checks min_pixels <= max_pixels
 
     def resolved_max_images(self) -> int:
         if self.mode == "text":
             return 0
         if self.max_images is not None:
             return self.max_images
+        if self.qwen2vl:  # an image is at least vision start, one token, vision end
+            return self.seq_len // 5
         # An image-bearing sample needs K image slots plus at least <s>, one text token and <|im_end|>.
         return self.seq_len // (self.image_tokens + 3)
 
@@ -92,6 +120,11 @@ class PackConfig:
         d["tokenizer"] = _tokenizer_hash(self.tokenizer)
         d["max_images"] = self.resolved_max_images()
         d["stats_version"] = STATS_VERSION
+        if self.qwen2vl:
+            d["max_patches"] = self.resolved_max_patches()
+        else:  # fields the other modes never had: their done units stay done
+            for k in ("min_pixels", "max_pixels", "max_patches"):
+                d.pop(k)
         return d
 
 
@@ -141,7 +174,11 @@ _BUILDERS: dict = {}
 
 
 def _builder(cfg: PackConfig) -> SampleBuilder:
-    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template)
+    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.qwen2vl)
+    if key not in _BUILDERS and cfg.qwen2vl:
+        from oq2vl_jax.data.qwen2_vl_samples import Qwen2VLSampleBuilder
+        from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer
+        _BUILDERS[key] = Qwen2VLSampleBuilder(load_qwen2_vl_tokenizer(cfg.tokenizer))
     if key not in _BUILDERS:  # one tokenizer load per worker process
         from oq2vl_jax.data.tokenizer import load_tokenizer
         _BUILDERS[key] = SampleBuilder(load_tokenizer(cfg.tokenizer), cfg.image_tokens, cfg.sft_template)
@@ -166,6 +203,8 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
         if not cfg.truncate:
             raise SampleError("too_long", f"{len(tokens.input_ids)} tokens > seq_len {cfg.seq_len}")
         tokens = _truncate(cfg, tokens, b.ids.image)
+    if cfg.qwen2vl and 4 * int(np.sum(tokens.input_ids == b.ids.image)) > cfg.resolved_max_patches():
+        raise SampleError("too_many_patches", f"images of more than max_patches {cfg.resolved_max_patches()} patches")
     if tokens.num_images > cfg.resolved_max_images():
         raise SampleError("too_many_images", f"{tokens.num_images} > max_images {cfg.resolved_max_images()}")
     return tokens
@@ -174,6 +213,8 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
 def _iter_samples(cfg: PackConfig, path: str):
     """Yields (key, tokens, encoded images) or (key, SampleError) for one input file; sets errors."""
     b = _builder(cfg)
+    if cfg.qwen2vl:
+        return (yield from _iter_qwen2vl(cfg, b, path))
     if cfg.mode == "caption":
         raw, err = readers.read_tar(path)
         for key, files in raw:
@@ -230,6 +271,57 @@ def _iter_samples(cfg: PackConfig, path: str):
     return err
 
 
+def _iter_qwen2vl(cfg: PackConfig, b, path: str):
+    """_iter_samples for the Qwen2-VL modes: images resized first, their token counts set the text."""
+    from oq2vl_jax.data.qwen2_vl_images import prepare_image
+
+    vcfg = cfg.qwen2vl_vision()
+
+    def prepared(data):
+        enc, (gh, gw) = prepare_image(data, vcfg, cfg.image_format, cfg.jpeg_quality)
+        return enc, gh * gw // vcfg.spatial_merge_size**2
+
+    if cfg.mode == "qwen2vl_caption":
+        raw, err = readers.read_tar(path)
+        for key, files in raw:
+            try:
+                image, caption = readers.caption_from_files(files)
+                enc, n = prepared(image)
+                yield key, _fit(cfg, b, b.caption(caption, n)), [enc]
+            except SampleError as e:
+                yield key, e
+        return err
+    raw, err = readers.read_json_records(path)
+    root = cfg.image_root or os.path.dirname(os.path.abspath(path))
+    for key, entry in raw:
+        try:
+            if isinstance(entry, SampleError):
+                raise entry
+            if not isinstance(entry, dict):
+                raise SampleError("bad_conversation", "sample is not a json object")
+            key = str(entry.get("id", key))
+            paths = entry.get("image") or []
+            paths = [paths] if isinstance(paths, str) else paths
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
+                raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
+                                                     f"{json.dumps(entry.get('image'))[:80]}")
+            turns = entry.get("conversations")
+            if count_image_tags(turns) != len(paths):
+                raise SampleError("image_tag_mismatch", f"{count_image_tags(turns)} <image> tags vs {len(paths)} images")
+            images = []
+            for rel in paths:
+                try:
+                    with open(os.path.join(root, rel), "rb") as f:
+                        images.append(prepared(f.read()))
+                except OSError as e:
+                    raise SampleError("missing_image", f"{rel}: {e}") from None
+            tokens = _fit(cfg, b, b.conversation(turns, [n for _, n in images]))
+            yield key, tokens, [enc for enc, _ in images]
+        except SampleError as e:
+            yield key, e
+    return err
+
+
 def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     """Builds, packs and writes one unit; returns its stats (reused from disk if already done)."""
     rows_path = os.path.join(cfg.out, unit.name + ".array_record")
@@ -273,7 +365,12 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
                 kept.append(item)
 
     lengths = [len(t.input_ids) for _, t, _ in kept]
-    if cfg.packing == "ffd":
+    if cfg.packing == "ffd" and cfg.qwen2vl:  # the second bound: patches per row (4 per image token)
+        image_id = _builder(cfg).ids.image
+        patches = [4 * int(np.sum(t.input_ids == image_id)) for _, t, _ in kept]
+        bins = first_fit_decreasing(lengths, cfg.seq_len, patches, cfg.resolved_max_patches(),
+                                    max_items=cfg.max_samples)
+    elif cfg.packing == "ffd":
         bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
                                     cfg.resolved_max_images(), max_items=cfg.max_samples)
     else:
@@ -332,6 +429,8 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
         "mode": cfg.mode, "seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens,
         "image_size": cfg.image_size, "image_format": cfg.image_format, "max_images": fp["max_images"],
         "packing": cfg.packing, "config": fp,
+        **({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_patches": fp["max_patches"]}
+           if cfg.qwen2vl else {}),
         "samples_in": sum(s["samples_in"] for s in unit_stats),
         "samples_packed": sum(s["samples_packed"] for s in unit_stats),
         "skipped": dict(sorted(skipped.items())), "rows": rows, "real_tokens": real,
@@ -433,6 +532,10 @@ def main(argv=None) -> int:
     p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
     p.add_argument("--truncate", action="store_true",
                    help="cut samples longer than --seq-len (as the original) instead of skipping them")
+    p.add_argument("--min-pixels", type=int, default=56 * 56, help="qwen2vl modes: resize lower bound (area)")
+    p.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="qwen2vl modes: resize upper bound")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="qwen2vl modes: patches per row (default 4 * seq-len); the loader's data.max_patches")
     a = p.parse_args(argv)
     if a.window < 1:
         p.error(f"--window must be >= 1, got {a.window}")
@@ -441,7 +544,8 @@ def main(argv=None) -> int:
                          image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
                          jpeg_quality=a.jpeg_quality, max_images=a.max_images,
                          max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate)
+                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate,
+                         min_pixels=a.min_pixels, max_pixels=a.max_pixels, max_patches=a.max_patches)
     except ValueError as e:
         p.error(str(e))
     run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,

@@ -96,3 +96,25 @@ def pack_patch_row(images: list[tuple[np.ndarray, tuple[int, int]]], length: int
         patches[start:end], seg[start:end], pos[start:end] = p, i + 1, patch_positions(gh, gw, merge)
         start = end
     return patches, seg, pos
+
+
+def prepare_image(data: bytes, cfg: Qwen2VLVisionConfig, fmt: str = "jpeg", quality: int = 95):
+    """Encoded image -> (the resized image re-encoded, its (h, w) patch grid), for packing: the
+    loader then only decodes and patchifies. Raises SampleError for an unreadable or too thin image."""
+    import io
+
+    from oq2vl_jax.data.samples import SampleError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = resize(im, cfg)
+    except ImageShapeError as e:
+        raise SampleError("bad_image_shape", str(e)) from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    out = io.BytesIO()
+    if fmt == "jpeg":
+        im.save(out, format="JPEG", quality=quality, subsampling=0)
+    else:
+        im.save(out, format="PNG", compress_level=1)
+    return out.getvalue(), (im.height // cfg.patch_size, im.width // cfg.patch_size)
