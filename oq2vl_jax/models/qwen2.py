@@ -29,6 +29,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, mrope_section=None) -
     h = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     if mrope_section is not None:
+        if positions.ndim == 2:  # text tokens (e.g. decoding): the same position on all three rows
+            positions = jnp.broadcast_to(positions, (3,) + positions.shape)
         rows = np.repeat(np.arange(3), mrope_section)  # [H/2]: which position row drives pair j
         positions = jnp.moveaxis(positions[rows], 0, -1)  # [B, T, H/2]
         freqs = positions.astype(jnp.float32) * inv_freq
