@@ -2,6 +2,7 @@
 different lengths equals HF Qwen2VLForConditionalGeneration.generate (left padding, M-RoPE deltas)."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +57,53 @@ def test_greedy_batch_with_images_of_different_sizes_equals_hf_generate():
         want = want[:want.index(EOS) + 1] if EOS in want else want
         assert ours[i] == want, (i, ours[i], want)
     assert any(len(o) > 1 for o in ours)  # it really decoded past the prefill
+
+
+@pytest.mark.slow
+def test_cli_chat_on_a_converted_checkpoint_equals_hf_generate(tmp_path, capsys):
+    """python -m oq2vl_jax.generate on a hf_to_jax --qwen2-vl checkpoint: the tokenizer's chat
+    template, the checkpoint's resize bounds, greedy decoding; HF generate on the same prompt agrees."""
+    import json
+    import os
+    import shutil
+    import sys
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from oq2vl_jax import generate
+    from oq2vl_jax.data.qwen2_vl_text import build_tiny_qwen2_vl_tokenizer, qwen2_vl_ids
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "convert"))
+    import hf_to_jax
+
+    tok = build_tiny_qwen2_vl_tokenizer(["a cat sat on the mat", "what is it", "user\n", "assistant\n"] * 10,
+                                        str(tmp_path / "tok"))
+    ids = qwen2_vl_ids(tok)
+    hf = hf_qwen2_vl(vocab_size=ids.vocab_len + 2, ids=dict(
+        image_token_id=ids.image, vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end))
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    for name in os.listdir(tmp_path / "tok"):
+        shutil.copy(tmp_path / "tok" / name, src)
+    (src / "preprocessor_config.json").write_text(json.dumps(PIXELS))
+    assert hf_to_jax.main(["--qwen2-vl", str(src), "--out", str(tmp_path / "ck")]) == 0
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 90, 3), dtype=np.uint8))
+    image.save(tmp_path / "q.png")
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", str(tmp_path / "ck"), "--format", "chat", "--prompt", "what is it",
+                          "--image", str(tmp_path / "q.png"), "--max-new-tokens", "6", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+
+    px = Qwen2VLImageProcessorPil(**PIXELS)(images=[image], return_tensors="pt")
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+                                    "what is it"}]}], tokenize=False, add_generation_prompt=True)
+    n = int(px["image_grid_thw"].prod()) // 4
+    prompt = torch.tensor([tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = hf.generate(input_ids=prompt, pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"],
+                          mm_token_type_ids=(prompt == ids.image).int(), max_new_tokens=6, do_sample=False,
+                          eos_token_id=[ids.im_end, ids.pad], pad_token_id=ids.pad,
+                          suppress_tokens=list(range(len(tok), ids.vocab_len + 2)))
+    want = out[0, prompt.shape[1]:].tolist()
+    stop = next((i for i, t in enumerate(want) if t in (ids.im_end, ids.pad)), None)
+    assert ours == (want if stop is None else want[:stop + 1])
