@@ -9,7 +9,7 @@ from PIL import Image
 from hf_tiny import QWEN2_VL_IDS, hf_qwen2_vl, our_qwen2_vl_config, state_dict_np
 from oq2vl_jax.data.qwen2_vl_images import image_patches
 from oq2vl_jax.generate_qwen2_vl import Qwen2VLGenerator, Qwen2VLPrompt
-from oq2vl_jax.models import build, load_hf
+from oq2vl_jax.models import build_from_hf
 from oq2vl_jax.models.weights import split_qwen2_vl
 
 IMG, START, END = QWEN2_VL_IDS["image_token_id"], QWEN2_VL_IDS["vision_start_token_id"], QWEN2_VL_IDS["vision_end_token_id"]
@@ -24,8 +24,7 @@ def test_greedy_batch_with_images_of_different_sizes_equals_hf_generate():
     cfg = our_qwen2_vl_config(hf)
     cfg = cfg.__class__(**{**cfg.__dict__, "qwen2_vl_vision": cfg.qwen2_vl_vision.__class__(
         **{**cfg.qwen2_vl_vision.__dict__, **PIXELS})})
-    model = build(cfg)
-    load_hf(model, **split_qwen2_vl(state_dict_np(hf)))
+    model = build_from_hf(cfg, **split_qwen2_vl(state_dict_np(hf)))
 
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(30, 80), (90, 50), (50, 60)]]

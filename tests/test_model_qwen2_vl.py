@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_tiny import QWEN2_VL_IDS, hf_qwen2_vl, our_qwen2_vl_config, state_dict_np
 from oq2vl_jax.data.qwen2_vl_images import image_patches, pack_patch_row, smart_resize
-from oq2vl_jax.models import build, load_hf
+from oq2vl_jax.models import build_from_hf
 from oq2vl_jax.models.mrope import rope_index
 from oq2vl_jax.models.weights import split_qwen2_vl
 
@@ -41,10 +41,7 @@ def ours(hf):
     cfg = our_qwen2_vl_config(hf)
     cfg = cfg.__class__(**{**cfg.__dict__, "qwen2_vl_vision": cfg.qwen2_vl_vision.__class__(
         **{**cfg.qwen2_vl_vision.__dict__, "min_pixels": 28 * 28, "max_pixels": 28 * 28 * 8})})
-    model = build(cfg)
-    parts = split_qwen2_vl(state_dict_np(hf))
-    load_hf(model, **parts)
-    return model
+    return build_from_hf(cfg, **split_qwen2_vl(state_dict_np(hf)))
 
 
 @pytest.fixture(scope="module")
