@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from oq2vl_jax.config import load_config
-from oq2vl_jax.flops import train_step_flops
+from oq2vl_jax.flops import peak_flops_per_device, train_step_flops
 from oq2vl_jax.train import Trainer, to_global
 from oq2vl_jax.train_step import MODEL_KEYS, batch_shardings
 
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, units, vision_trained=trainer.vision_trained,
                              patch_row=cfg.data.max_patches or 4 * cfg.data.seq_len)
     stats = jax.local_devices()[0].memory_stats() or {}
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     result = {
         "device": jax.devices()[0].device_kind, "devices": n_dev, "seq_len": cfg.data.seq_len,
         "rows_per_device": args.rows_per_device, "micro_batches": args.micro_batches,
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         "step_s": round(step_s, 4), "first_step_s": round(compile_s, 1),
         "tokens_per_s_per_device": round(tokens / step_s / n_dev, 1),
         "tflops_per_device": round(flops / step_s / n_dev / 1e12, 2),
-        "mfu": round(flops / step_s / n_dev / (cfg.train.peak_tflops * 1e12), 4),
+        "mfu": round(flops / step_s / n_dev / peak, 4) if peak else None,
         "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
         "loss": float(metrics["loss"]),
     }

@@ -58,11 +58,21 @@ def add_dtype(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help=help or "compute dtype (default: the config's)")
 
 
-def load_config(args: argparse.Namespace, extra: list[str] | None = None):
-    """The typed config from --config/--set, with `extra` overrides (flags mapped to keys) applied last."""
-    from oq2vl_jax.config import load_config as load
+def load_config(args: argparse.Namespace, values: dict | None = None):
+    """The typed config from --config (optional: the defaults without it) and --set, then `values`
+    ({dotted key: value}, e.g. from flags that override keys) on top."""
+    from oq2vl_jax.config import config_from_dict
+    from oq2vl_jax.configlib import ConfigError, apply_overrides, load_yaml, set_path
 
-    return load(args.config, list(args.set) + list(extra or []))
+    path = getattr(args, "config", None)
+    data = load_yaml(path) if path else {}
+    try:
+        apply_overrides(data, list(getattr(args, "set", []) or []))
+        for key, value in (values or {}).items():
+            set_path(data, key, value)
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def setup_logging(level: str = "INFO") -> None:

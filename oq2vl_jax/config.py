@@ -13,7 +13,7 @@ from oq2vl_jax.configlib import ConfigError, apply_overrides, from_dict, load_ya
 from oq2vl_jax.models.config import ModelConfig
 
 __all__ = ["Config", "ConfigError", "DataConfig", "MeshConfig", "OptimConfig", "SourceConfig",
-           "TrainConfig", "load_config", "config_from_dict", "to_dict"]
+           "TrainConfig", "PackSettings", "load_config", "config_from_dict", "to_dict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +33,9 @@ class DataConfig:
     sources: tuple[SourceConfig, ...] = ()
     eval_source: str | None = None  # held-out packed shards for validation loss
     global_batch_size: int = 256  # rows per optimiser step, over all processes and micro-batches
-    seq_len: int = 4096
-    max_images: int = 32  # image slots per row
+    # None: from the packed data's stats.json (for pack: 4096 and seq_len // (image_tokens + 3)).
+    seq_len: int | None = None
+    max_images: int | None = None  # image slots per row (the most any packed row holds)
     num_workers: int = 0  # Grain worker processes per host (0 = in-process)
     seed: int = 7
     mode: Literal["packed", "unpacked_sft"] = "packed"
@@ -46,10 +47,38 @@ class DataConfig:
     max_patches: int = 0
 
     def __post_init__(self):
-        if self.global_batch_size < 1 or self.seq_len < 2 or self.max_images < 0:
+        if (self.global_batch_size < 1 or (self.seq_len is not None and self.seq_len < 2)
+                or (self.max_images is not None and self.max_images < 0)):
             raise ValueError("global_batch_size >= 1, seq_len >= 2 and max_images >= 0 are required")
         if self.max_patches < 0 or self.max_patches % 4:
             raise ValueError(f"data.max_patches={self.max_patches} must be a multiple of 4 (0 = 4 * seq_len)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSettings:
+    """How `python -m oq2vl_jax.data.pack` builds rows; seq_len, image_tokens, image size, max_images
+    and the tokenizer come from the data/model sections and `tokenizer`, as training reads them."""
+
+    mode: Literal["caption", "sft", "text", "qwen2vl_caption", "qwen2vl_sft"] = "caption"
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = 95
+    max_samples_per_row: int | None = None  # bounds segments for the cuDNN packed layout
+    sft_template: Literal["chatml", "original"] = "chatml"
+    image_root: str | None = None  # SFT: base folder of relative image paths (default: the json's)
+    packing: Literal["ffd", "none"] = "ffd"  # none: one sample per row (unpacked SFT batches)
+    text_key: str = "text"  # text mode: the json/jsonl field holding the document
+    truncate: bool = False  # cut over-long samples to the row (as the original) instead of skipping
+    window: int = 1  # input shards packed together
+    workers: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        low = [f"{n} >= 1" for n in ("window", "workers") if getattr(self, n) < 1]
+        if self.max_samples_per_row is not None and self.max_samples_per_row < 1:
+            low.append("max_samples_per_row >= 1")
+        if low:
+            raise ValueError(f"need {', '.join(low)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +139,9 @@ class TrainConfig:
     keep_every: int = 0  # additionally keep every N-th step's checkpoint (0 = none)
     async_checkpointing: bool = True
     init_from: str | None = None  # a converted checkpoint directory (tools/convert/hf_to_jax.py)
-    peak_tflops: float = 989.0  # per-device bf16 dense peak for MFU (H100 SXM)
+    # Per-device bf16 dense peak for MFU. None: from the device kind (H100/H200/A100/B200); MFU is
+    # n/a on other devices (e.g. CPU) unless this is set.
+    peak_tflops: float | None = None
     # (first, last): trace these steps with jax.profiler into WORKDIR/profile (TensorBoard / Perfetto)
     profile_steps: tuple[int, int] | None = None
 
@@ -118,7 +149,7 @@ class TrainConfig:
         at_least_1 = ("steps", "micro_batches", "loss_group_rows", "log_every", "checkpoint_every", "eval_batches")
         low = [f"{n} >= 1" for n in at_least_1 if not getattr(self, n) >= 1]
         low += [f"{n} >= 0" for n in ("epochs", "eval_every", "keep_last", "keep_every") if not getattr(self, n) >= 0]
-        if not self.peak_tflops > 0:
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
             low.append("peak_tflops > 0")
         if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
             low.append("1 <= profile_steps[0] <= profile_steps[1]")
@@ -144,6 +175,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    pack: PackSettings = PackSettings()
     tokenizer: str | None = None  # HF tokenizer directory
 
 

@@ -9,6 +9,7 @@ command line, where the value is parsed as YAML (so `3e-5`, `true`, `[1, 2]` wor
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -113,31 +114,42 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def set_path(data: dict, key: str, value: Any) -> dict:
+    """Sets dotted `key` ("model.vision.image_size") in nested plain data, creating sections."""
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Applies `a.b.c=value` overrides to nested plain data; the value is parsed as YAML."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: its value is not valid YAML ({e.problem})") from None
+        set_path(data, key, value)
     return data
 
 
 def load_yaml(path: str) -> dict:
-    with open(path) as f:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file (is it a YAML config?)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

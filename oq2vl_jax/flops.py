@@ -67,3 +67,17 @@ def qwen2_vl_vision_flops(cfg: ModelConfig, rows: int, patches: int, patch_row: 
     wide = d * v.spatial_merge_size**2
     merger = 2.0 * (wide * wide + wide * v.hidden_size) * patches / v.spatial_merge_size**2
     return (2.0 * per_patch * patches + attn) * (3.0 if vision_trained else 1.0) + 3.0 * merger
+
+
+# bf16 dense peak FLOP/s per device, by jax's device_kind (substring match, most specific first).
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
+
+
+def peak_flops_per_device(device_kind: str, configured_tflops: float | None) -> float | None:
+    """The peak used for MFU: the configured one, else the device kind's; None (MFU n/a) otherwise."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    for name, tflops in PEAK_BF16_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops * 1e12
+    return None

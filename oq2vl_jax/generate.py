@@ -25,7 +25,6 @@ A model.arch qwen2_vl checkpoint generates through generate_qwen2_vl.py (formats
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -455,11 +454,12 @@ def _read_jsonl(path: str, parse) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m oq2vl_jax.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from oq2vl_jax import cli
+
+    p = cli.parser("python -m oq2vl_jax.generate", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run or converted-checkpoint directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the config's)")
+    cli.add_tokenizer(p, help="tokenizer directory (default: the checkpoint config's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--input", help="JSONL file, one {\"prompt\": str, \"images\": [path, ...]} per line")
@@ -472,10 +472,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's)")
+    cli.add_dtype(p)
     p.add_argument("--json", action="store_true", help="one JSON object per request: token_ids, text")
     args = p.parse_args(argv)
+    return cli.run(lambda: _main(p, args), args)
 
+
+def _main(p, args) -> int:
     fmt = args.format or ("fewshot" if args.shots else "caption")
     if (fmt == "fewshot") != bool(args.shots):
         p.error("--shots goes with --format fewshot (and fewshot needs --shots)")

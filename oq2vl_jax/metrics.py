@@ -52,6 +52,8 @@ class MetricsLogger:
 
 
 def _plain(v):
+    if v is None:
+        return None
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -59,6 +61,8 @@ def _plain(v):
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.3e}"

@@ -258,7 +258,7 @@ def test_prismatic_untied_head_mismatch_is_refused(tmp_path, tokenizer_dir, caps
     vdir, ldir = _save_hf(tmp_path, tokenizer_dir)
     rc = hf_to_jax.main(["--vision", vdir, "--llm", ldir, "--oq-checkpoint", str(tmp_path / "ck.pt"),
                          "--image-tokens", "9", "--out", str(tmp_path / "out")])
-    assert rc == 1 and "lm_head.weight differs" in capsys.readouterr().err
+    assert rc == 2 and "lm_head.weight differs" in capsys.readouterr().err
 
 
 def test_checkpoint_is_portable_and_loads_onto_a_training_mesh(tmp_path, tokenizer_dir):
@@ -312,7 +312,7 @@ def test_export_reads_a_checkpoint_saved_from_a_sharded_mesh(tmp_path, tokenizer
 
 
 def _fails(capsys, main, argv, *fragments):
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in err, err

@@ -148,7 +148,7 @@ def test_config_mismatch_errors(data):
     with pytest.raises(FileNotFoundError):
         make_train_iterator(_cfg(d, sources=((os.path.join(d, "nothing"), 1.0),)), process_index=0,
                             process_count=1)
-    with pytest.raises(ValueError, match="packing none"):
+    with pytest.raises(ValueError, match="packing=none"):
         make_train_iterator(_cfg(d, mode="unpacked_sft"), process_index=0, process_count=1)
 
 

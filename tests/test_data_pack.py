@@ -188,7 +188,7 @@ def test_deterministic_rerun_skips_done_and_workers_match(demo, tmp_path):
     assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".array_record")) == ["00000.array_record"]
 
 
-def test_window_and_cli(demo, tmp_path):
+def test_window_and_cli(demo, tmp_path, capsys):
     rc = pack.main(["--input", os.path.join(demo, "shards", "{00000..00002}.tar"), "--tokenizer",
                     os.path.join(demo, "tokenizer"), "--out", str(tmp_path), "--seq-len", "128",
                     "--image-tokens", "4", "--image-size", "28", "--window", "3"])
@@ -203,8 +203,8 @@ def test_window_and_cli(demo, tmp_path):
     assert [os.path.basename(f) for f in files] == ["00000.array_record", "00001.array_record", "00002.array_record"]
     assert sum(len(_rows(f)) for f in files) == again["rows"]
     assert not os.path.exists(tmp_path / "window-00000-3.array_record")
-    with pytest.raises(FileNotFoundError, match="matched no file"):
-        pack.main(["--input", str(tmp_path / "nothing-*.tar"), "--tokenizer", "x", "--out", str(tmp_path)])
+    assert pack.main(["--input", str(tmp_path / "nothing-*.tar"), "--tokenizer", "x", "--out", str(tmp_path)]) == 2
+    assert "matched no file" in capsys.readouterr().err
 
 
 def test_truncate_cuts_long_samples_and_whole_images(demo, tmp_path):
@@ -337,10 +337,9 @@ def test_crlf_text_lines_lose_their_carriage_return(demo, tmp_path):
                                                ("--seq-len", "0", "seq_len"), ("--jpeg-quality", "0", "jpeg_quality"),
                                                ("--window", "0", "window")])
 def test_bad_settings_are_named_before_reading(demo, tmp_path, capsys, flag, value, name):
-    with pytest.raises(SystemExit) as e:
-        pack.main(["--input", os.path.join(demo, "shards", "00000.tar"), "--tokenizer", "x",
-                   "--out", str(tmp_path / "o"), flag, value])
-    assert e.value.code == 2 and name in capsys.readouterr().err
+    rc = pack.main(["--input", os.path.join(demo, "shards", "00000.tar"), "--tokenizer", "x",
+                    "--out", str(tmp_path / "o"), flag, value])
+    assert rc == 2 and name in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

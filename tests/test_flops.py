@@ -52,7 +52,7 @@ def test_qwen2_vl_vision_flops_use_hf_qwen2_vl_weights():
             text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                              num_attention_heads=12, num_key_value_heads=2), tie_word_embeddings=True)).model.visual
     cfg = ModelConfig(arch="qwen2_vl", qwen2_vl_vision=Qwen2VLVisionConfig(),
-                      text=TextConfig(mrope_section=(16, 24, 24)))
+                      text=TextConfig(vocab_size=151936, mrope_section=(16, 24, 24)))
     blocks = sum(_matmul_params(b) for b in hf.blocks)
     patch = hf.patch_embed.proj.weight.numel() // 2
     merger = _matmul_params(hf.merger, skip=("ln_q", "bias"))

@@ -177,7 +177,9 @@ def test_init_from_a_converted_hf_checkpoint(demo, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tools", "convert"))
     import hf_to_jax
 
-    cfg = tiny(demo)
+    from oq2vl_jax import resolve
+
+    cfg = resolve.for_train(tiny(demo), 1, jax.device_count())  # the vocabulary the tokenizer gives
     v, t = cfg.model.vision, cfg.model.text
     torch.manual_seed(0)
     vision = SiglipVisionModel(SiglipVisionConfig(
@@ -193,7 +195,7 @@ def test_init_from_a_converted_hf_checkpoint(demo, tmp_path):
     assert hf_to_jax.main(["--vision", str(tmp_path / "siglip"), "--llm", str(tmp_path / "qwen2"),
                            "--tokenizer", f"{demo}/tokenizer", "--image-tokens", "4",
                            "--out", str(tmp_path / "converted")]) == 0
-    cfg = tiny(demo, f"train.init_from={tmp_path / 'converted'}")
+    cfg = resolve.for_train(tiny(demo, f"train.init_from={tmp_path / 'converted'}"), 1, jax.device_count())
     trainer = Trainer(cfg, str(tmp_path / "run"))
     state, step = trainer.initial_state(data_iter=None)
     assert step == 0
@@ -241,24 +243,6 @@ def test_resume_refuses_a_different_data_layout(demo, tmp_path):
         run(tiny(demo, *STEPS, "data.num_workers=1"), str(tmp_path))
 
 
-def test_resume_of_a_checkpoint_saved_before_the_iterator_layout_is_still_checked(demo, tmp_path):
-    """Checkpoints of the previous version: a bare Grain iterator state, the layout in meta "data"."""
-    from oq2vl_jax.train import run
-
-    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)
-    step_dir = tmp_path / "checkpoints" / "1"
-    (data_file,) = (step_dir / "data").glob("process_*.json")
-    data_file.write_text(json.dumps(json.loads(data_file.read_text())["iterator"]))
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    meta["data"] = {"micro_batch_rows": 8, "process_count": 1, "sources": [f"{demo}/packed"], "weights": [1.0],
-                    "seed": 7, "num_workers": 0}
-    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="micro_batch_rows"):
-        run(tiny(demo, *STEPS, "data.global_batch_size=32"), str(tmp_path))
-    run(tiny(demo, *STEPS), str(tmp_path), stop_at=1)  # read as saved: resumes
-    assert 2 in ckpt.make_manager(str(tmp_path), read_only=True).all_steps()
-
-
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):
     from oq2vl_jax.train import NonFiniteLoss, run
 
@@ -277,7 +261,8 @@ def test_steps_are_traced_inside_the_mesh(tmp_path):
     from oq2vl_jax.train import Trainer
     from oq2vl_jax.train_step import MODEL_KEYS, batch_shardings
 
-    cfg = load_config(TINY, ["data.global_batch_size=8", "train.micro_batches=1", "tokenizer=null"])
+    cfg = load_config(TINY, ["data.global_batch_size=8", "train.micro_batches=1", "tokenizer=null",
+                             "model.text.vocab_size=512", "model.image_token_id=386"])
     trainer = Trainer(cfg, str(tmp_path))
     m, t, size = cfg.data.max_images, cfg.data.seq_len, cfg.model.vision.image_size
     shapes = {"input_ids": (1, 8, t), "segment_ids": (1, 8, t), "positions": (1, 8, t), "loss_mask": (1, 8, t),
@@ -378,6 +363,6 @@ def test_packed_data_that_disagree_with_the_config_are_a_config_error(demo, tmp_
 
     ok = [f"tokenizer={demo}/tokenizer", f"data.sources=[{{path: {demo}/packed}}]", "train.eval_every=0"]
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "model.image_tokens=16"]) == 2
-    assert "repack with --image-tokens 16" in capsys.readouterr().err
+    assert "repack with model.image_tokens=16" in capsys.readouterr().err
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.mode=unpacked_sft"]) == 2
-    assert "mode='unpacked_sft' needs rows packed with --packing none" in capsys.readouterr().err
+    assert "mode='unpacked_sft' needs rows packed with pack.packing=none" in capsys.readouterr().err

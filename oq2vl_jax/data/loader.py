@@ -109,25 +109,6 @@ def pack_stats(path: str) -> dict | None:
     return None
 
 
-def _check_qwen2_vl_source(cfg: LoaderConfig, path: str, st: dict) -> None:
-    v = cfg.qwen2_vl
-    if st["mode"] not in ("text", "qwen2vl_caption", "qwen2vl_sft"):
-        raise ValueError(f"{path}: packed with --mode {st['mode']}; model.arch qwen2_vl reads qwen2vl_caption/"
-                         "qwen2vl_sft (or text) data")
-    if st["seq_len"] != cfg.seq_len:
-        raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
-    if st["mode"] != "text":
-        if (st["min_pixels"], st["max_pixels"]) != (v.min_pixels, v.max_pixels):
-            raise ValueError(f"{path}: images resized for min/max pixels {st['min_pixels']}/{st['max_pixels']}, "
-                             f"the model's qwen2_vl_vision says {v.min_pixels}/{v.max_pixels}")
-        if st["max_patches"] > cfg.max_patches:
-            raise ValueError(f"{path}: rows of up to {st['max_patches']} patches (pack --max-patches), loader "
-                             f"max_patches={cfg.max_patches}; raise data.max_patches or repack")
-    if st.get("max_images_in_row", 0) > cfg.max_images:
-        raise ValueError(f"{path}: has rows of {st['max_images_in_row']} images, loader max_images="
-                         f"{cfg.max_images}; raise data.max_images")
-
-
 def row_decoder(cfg: LoaderConfig):
     """The Grain map that decodes this loader's rows."""
     one = cfg.mode == "unpacked_sft"
@@ -140,29 +121,17 @@ def row_decoder(cfg: LoaderConfig):
 
 def _check_source(cfg: LoaderConfig, path: str) -> None:
     """Fails early with a clear message when packing settings and loader settings disagree."""
+    from oq2vl_jax.resolve import check_qwen2_vl_source, check_source
+
     st = pack_stats(path)
     if st is None:
         return
-    if cfg.qwen2_vl is not None:
-        _check_qwen2_vl_source(cfg, path, st)
-        if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
-            raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
+    if cfg.qwen2_vl is not None or st["mode"].startswith("qwen2vl"):
+        check_qwen2_vl_source(st, path, seq_len=cfg.seq_len, max_images=cfg.max_images, max_patches=cfg.max_patches,
+                              vision=cfg.qwen2_vl, unpacked=cfg.mode == "unpacked_sft")
         return
-    if st["mode"].startswith("qwen2vl"):
-        raise ValueError(f"{path}: packed for Qwen2-VL (--mode {st['mode']}); this model is arch oq2vl")
-    if cfg.image_tokens is not None and st["mode"] != "text" and st["image_tokens"] != cfg.image_tokens:
-        raise ValueError(f"{path}: packed with {st['image_tokens']} placeholder tokens per image, the model "
-                         f"takes image_tokens={cfg.image_tokens}; repack with --image-tokens {cfg.image_tokens}")
-    if st["seq_len"] != cfg.seq_len:
-        raise ValueError(f"{path}: packed with seq_len={st['seq_len']}, loader seq_len={cfg.seq_len}")
-    if st["mode"] != "text" and st["image_size"] != cfg.image_size:
-        raise ValueError(f"{path}: images stored at {st['image_size']}px, loader image_size={cfg.image_size}")
-    most = st.get("max_images_in_row", st["max_images"])  # what the rows hold, not the packer's cap
-    if most > cfg.max_images:
-        raise ValueError(f"{path}: has rows of {most} images (pack cap --max-images {st['max_images']}), "
-                         f"loader max_images={cfg.max_images}; raise max_images or repack with a lower cap")
-    if cfg.mode == "unpacked_sft" and st.get("packing") != "none":
-        raise ValueError(f"{path}: mode='unpacked_sft' needs rows packed with --packing none")
+    check_source(st, path, seq_len=cfg.seq_len, image_size=cfg.image_size, max_images=cfg.max_images,
+                 image_tokens=cfg.image_tokens, unpacked=cfg.mode == "unpacked_sft")
 
 
 def check_sources(cfg: LoaderConfig) -> None:

@@ -29,7 +29,6 @@ loader's fixed patch rows always fit.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -418,7 +417,7 @@ def _worker(args):
 # --------------------------------------------------------------------------------------------------
 # Whole run
 # --------------------------------------------------------------------------------------------------
-def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
+def summarize(cfg: PackConfig, unit_stats: list[dict], token_ids: dict | None = None) -> dict:
     skipped = collections.Counter()
     for s in unit_stats:
         skipped.update(s["skipped"])
@@ -428,7 +427,7 @@ def summarize(cfg: PackConfig, unit_stats: list[dict]) -> dict:
     return {
         "mode": cfg.mode, "seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens,
         "image_size": cfg.image_size, "image_format": cfg.image_format, "max_images": fp["max_images"],
-        "packing": cfg.packing, "config": fp,
+        "packing": cfg.packing, "config": fp, "tokenizer": token_ids or {},
         **({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_patches": fp["max_patches"]}
            if cfg.qwen2vl else {}),
         "samples_in": sum(s["samples_in"] for s in unit_stats),
@@ -471,6 +470,16 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     os.makedirs(cfg.out, exist_ok=True)
+    from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
+
+    if cfg.qwen2vl:  # Qwen2-VL's tokenizer as it ships
+        q = _builder(cfg).ids
+        token_ids = {"image_token_id": q.image, "vocab_len": q.vocab_len, "vision_start": q.vision_start,
+                     "vision_end": q.vision_end, "eos": q.im_end, "pad": q.pad}
+    else:
+        ids = special_ids(load_tokenizer(cfg.tokenizer))  # recorded so training can derive them from the data
+        token_ids = {"image_token_id": ids.image, "vocab_len": ids.vocab_len, "bos": ids.bos, "eos": ids.eos,
+                     "pad": ids.pad}
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
@@ -494,7 +503,7 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
             pool.close()
             pool.join()
     _remove_stale(cfg.out, {u.name for u in units}, log)
-    stats = summarize(cfg, results)
+    stats = summarize(cfg, results, token_ids)
     with open(os.path.join(cfg.out, "stats.json.tmp"), "w") as f:
         json.dump(stats, f, indent=1)
     os.replace(os.path.join(cfg.out, "stats.json.tmp"), os.path.join(cfg.out, "stats.json"))
@@ -505,52 +514,66 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
     return stats
 
 
+# Flags that override config keys (a flag left out keeps the config's value).
+FLAG_KEYS = {"seq_len": "data.seq_len", "image_tokens": "model.image_tokens", "image_size": "model.vision.image_size",
+             "max_images": "data.max_images", "mode": "pack.mode", "image_format": "pack.image_format",
+             "jpeg_quality": "pack.jpeg_quality", "max_samples_per_row": "pack.max_samples_per_row",
+             "sft_template": "pack.sft_template", "image_root": "pack.image_root", "packing": "pack.packing",
+             "window": "pack.window", "workers": "pack.workers", "text_key": "pack.text_key",
+             "truncate": "pack.truncate"}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m oq2vl_jax.data.pack", description=__doc__.split("\n\n")[0])
+    from oq2vl_jax import cli
+
+    p = cli.parser("python -m oq2vl_jax.data.pack", __doc__.split("\n\n")[0])
+    cli.add_config(p, required=False, help="the run's YAML config: seq_len, image_tokens, image size, max_images, "
+                                           "tokenizer and the pack section are read from it (flags override)")
     p.add_argument("--input", nargs="+", required=True,
                    help="shards/files; brace patterns ({00000..00099}, {a,b}) and globs (quote them)")
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=MODES, default="caption",
-                   help="caption: WebDataset tars; sft: LLaVA json/jsonl; text: jsonl/json/txt documents")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--image-tokens", type=int, default=144, help="image slots per image (144 or 729)")
-    p.add_argument("--image-size", type=int, default=384, help="stored images are size×size")
-    p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--max-images", type=int, default=None,
-                   help="per-row image cap (default: seq_len // (image_tokens + 3)); set the loader's "
-                        "max_images to at least this")
-    p.add_argument("--max-samples-per-row", type=int, default=None,
-                   help="per-row sample cap; keep it <= the model's max_segments (64) with attention: cudnn")
-    p.add_argument("--sft-template", choices=("chatml", "original"), default="chatml")
-    p.add_argument("--image-root", default=None, help="SFT: base folder for relative image paths")
-    p.add_argument("--packing", choices=("ffd", "none"), default="ffd",
-                   help="none: one sample per row (unpacked SFT batches)")
-    p.add_argument("--window", type=int, default=1, help="input shards packed together (default 1)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--text-key", default="text", help="text mode: json/jsonl field holding the document")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut samples longer than --seq-len (as the original) instead of skipping them")
-    p.add_argument("--min-pixels", type=int, default=56 * 56, help="qwen2vl modes: resize lower bound (area)")
-    p.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="qwen2vl modes: resize upper bound")
-    p.add_argument("--max-patches", type=int, default=None,
-                   help="qwen2vl modes: patches per row (default 4 * seq-len); the loader's data.max_patches")
+    cli.add_tokenizer(p)
+    cli.add_out(p)
+    g = p.add_argument_group("overrides of config keys (default: the config's, else the packer's default)")
+    g.add_argument("--mode", choices=MODES, help="caption: WebDataset tars; sft: LLaVA json/jsonl; "
+                                                 "text: jsonl/json/txt documents (pack.mode)")
+    g.add_argument("--seq-len", type=int, help="row length (data.seq_len; default 4096)")
+    g.add_argument("--image-tokens", type=int, help="image slots per image (model.image_tokens; default 144)")
+    g.add_argument("--image-size", type=int, help="stored images are size x size (model.vision.image_size)")
+    g.add_argument("--image-format", choices=("jpeg", "png"))
+    g.add_argument("--jpeg-quality", type=int)
+    g.add_argument("--max-images", type=int, help="per-row image cap (data.max_images; default: "
+                                                  "seq_len // (image_tokens + 3))")
+    g.add_argument("--max-samples-per-row", type=int,
+                   help="per-row sample cap; keep it <= model.max_segments with attention: cudnn")
+    g.add_argument("--sft-template", choices=("chatml", "original"))
+    g.add_argument("--image-root", help="SFT: base folder for relative image paths")
+    g.add_argument("--packing", choices=("ffd", "none"), help="none: one sample per row (unpacked SFT batches)")
+    g.add_argument("--window", type=int, help="input shards packed together (default 1)")
+    g.add_argument("--workers", type=int)
+    g.add_argument("--text-key", help="text mode: json/jsonl field holding the document")
+    g.add_argument("--truncate", action="store_const", const=True,
+                   help="cut samples longer than seq_len (as the original) instead of skipping them")
+    g.add_argument("--min-pixels", type=int, help="qwen2vl modes: resize lower bound, an area "
+                                                  "(model.qwen2_vl_vision.min_pixels; default 56*56)")
+    g.add_argument("--max-pixels", type=int, help="qwen2vl modes: resize upper bound "
+                                                  "(model.qwen2_vl_vision.max_pixels; default 28*28*1280)")
+    g.add_argument("--max-patches", type=int, help="qwen2vl modes: patches per row (data.max_patches; "
+                                                   "default 4 * seq_len)")
     a = p.parse_args(argv)
-    if a.window < 1:
-        p.error(f"--window must be >= 1, got {a.window}")
-    try:
-        cfg = PackConfig(tokenizer=a.tokenizer, out=a.out, mode=a.mode, seq_len=a.seq_len,
-                         image_tokens=a.image_tokens, image_size=a.image_size, image_format=a.image_format,
-                         jpeg_quality=a.jpeg_quality, max_images=a.max_images,
-                         max_samples=a.max_samples_per_row, sft_template=a.sft_template,
-                         image_root=a.image_root, packing=a.packing, text_key=a.text_key, truncate=a.truncate,
-                         min_pixels=a.min_pixels, max_pixels=a.max_pixels, max_patches=a.max_patches)
-    except ValueError as e:
-        p.error(str(e))
-    run(cfg, readers.resolve_inputs(a.input), window=a.window, workers=a.workers,
-        log=lambda m: print(m, file=sys.stderr, flush=True))
-    return 0
+
+    def body():
+        from oq2vl_jax import resolve
+
+        values = {key: getattr(a, flag) for flag, key in FLAG_KEYS.items() if getattr(a, flag) is not None}
+        if a.tokenizer:
+            values["tokenizer"] = a.tokenizer
+        cfg = cli.load_config(a, values)
+        inputs = readers.resolve_inputs(a.input)
+        settings = resolve.for_pack(cfg, a.out)
+        run(settings, inputs, window=cfg.pack.window, workers=cfg.pack.workers,
+            log=lambda m: print(m, file=sys.stderr, flush=True))
+
+    return cli.run(body, a)
 
 
 if __name__ == "__main__":

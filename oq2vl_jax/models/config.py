@@ -53,7 +53,9 @@ class VisionConfig:
 class TextConfig:
     """Qwen2 decoder. Defaults: Qwen2.5-1.5B(-Instruct)."""
 
-    vocab_size: int = 151936
+    # None: derived at start-up (oq2vl_jax/resolve.py): from train.init_from's config, else the
+    # tokenizer's length rounded up to a multiple of 128 x mesh.tensor.
+    vocab_size: int | None = None
     hidden_size: int = 1536
     intermediate_size: int = 8960
     num_hidden_layers: int = 28
@@ -131,13 +133,14 @@ class ModelConfig:
     text: TextConfig = TextConfig()
     qwen2_vl_vision: Qwen2VLVisionConfig = Qwen2VLVisionConfig()
     # Image tokens per image after pooling the patch grid: a square (144 = 12x12 pre-training,
-    # 729 = 27x27 identity for SFT).
-    image_tokens: int = 144
+    # 729 = 27x27 identity for SFT). None: from the packed data's stats.json (the packer's default 144).
+    image_tokens: int | None = None
     projector_hidden_act: Literal["gelu", "gelu_pytorch_tanh"] = "gelu"
     # Vocabulary id of the placeholder that marks image positions in input_ids (the data path writes
-    # `image_tokens` copies per image). Computed from the tokenizer by the data tools.
-    image_token_id: int = 151655
-    # Qwen2-VL's markers around each image's tokens (HF Qwen2VLConfig names).
+    # `image_tokens` copies per image). None: the tokenizer's <|image_pad|> (or the packed data's).
+    image_token_id: int | None = None
+    # Qwen2-VL's markers around each image's tokens (HF Qwen2VLConfig names; checked against the
+    # tokenizer for arch qwen2_vl).
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     # Dtype policy: parameters are stored in param_dtype, matmuls run in dtype; norms, softmax and
@@ -149,11 +152,13 @@ class ModelConfig:
     # True reproduces the original: plain causal attention over the whole packed row, positions
     # 0..L-1 not reset per sample, and the next sample's first token predicted from the previous one.
     cross_segment_attention: bool = False
-    # Static bound on segments per row for the cuDNN packed layout.
-    max_segments: int = 64
+    # Static bound on segments per row for the cuDNN packed layout. None: the most samples any row of
+    # the packed data holds (stats.json), else 64.
+    max_segments: int | None = None
     # Compute the loss this many positions at a time (0 = all at once): bounds the float32 logits
     # ([rows, chunk, vocab] instead of [rows, seq_len, vocab]) at the cost of recomputing them.
-    loss_chunk_size: int = 0
+    # Chunked by default, so that no config can run out of memory on logits by leaving it out.
+    loss_chunk_size: int = 1024
     # Activation checkpointing of decoder layers: none | full | dots (save matmul outputs).
     remat: Literal["none", "full", "dots"] = "full"
     # > 0: run the vision tower on this many image slots per batch shard at a time, real images
@@ -162,8 +167,10 @@ class ModelConfig:
     vision_chunk_size: int = 0
 
     def __post_init__(self):
-        if self.vision_chunk_size < 0:
-            raise ValueError(f"vision_chunk_size={self.vision_chunk_size} must be >= 0")
+        if self.vision_chunk_size < 0 or self.loss_chunk_size < 0:
+            raise ValueError("vision_chunk_size and loss_chunk_size must be >= 0")
+        if self.max_segments is not None and self.max_segments < 1:
+            raise ValueError(f"max_segments={self.max_segments} must be >= 1")
         if self.arch == "qwen2_vl":
             if self.text.mrope_section is None:
                 raise ValueError("arch qwen2_vl needs text.mrope_section (Qwen2-VL: [16, 24, 24])")
@@ -173,6 +180,8 @@ class ModelConfig:
             if self.cross_segment_attention:
                 raise ValueError("cross_segment_attention is the original Open-Qwen2VL's quirk; arch qwen2_vl "
                                  "needs each sample's own M-RoPE positions")
+            return  # image_tokens is the SigLIP path's; each Qwen2-VL image has its own count
+        if self.image_tokens is None:
             return
         side = math.isqrt(self.image_tokens)
         if side * side != self.image_tokens:
@@ -186,3 +195,22 @@ class ModelConfig:
     @property
     def pooled_side(self) -> int:
         return math.isqrt(self.image_tokens)
+
+    def unresolved(self) -> list[str]:
+        """Keys still None: oq2vl_jax.resolve fills them from the tokenizer and the packed data."""
+        names = ("image_token_id",) if self.arch == "qwen2_vl" else ("image_tokens", "image_token_id")
+        keys = [f"model.{k}" for k in names if getattr(self, k) is None]
+        return keys + (["model.text.vocab_size"] if self.text.vocab_size is None else [])
+
+    def require_resolved(self) -> None:
+        missing = self.unresolved()
+        if missing:
+            from oq2vl_jax.configlib import ConfigError
+
+            raise ConfigError(f"{', '.join(missing)} unset: set them, or give a tokenizer / packed data to "
+                              "derive them from (oq2vl_jax.resolve)")
+
+    @property
+    def segments(self) -> int:
+        """max_segments with its no-data default."""
+        return 64 if self.max_segments is None else self.max_segments

@@ -84,6 +84,7 @@ def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, 
 
 class OQ2VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.require_resolved()
         self.cfg = cfg
         param_dtype = dtype_of(cfg.param_dtype)
         self.vision_tower = SiglipVisionModel(
@@ -96,7 +97,7 @@ class OQ2VL(nnx.Module):
         )
         self.language_model = Qwen2ForCausalLM(
             cfg.text, attn_impl=cfg.attention, cross_segment=cfg.cross_segment_attention,
-            max_segments=cfg.max_segments, remat=cfg.remat, dtype=dtype_of(cfg.dtype),
+            max_segments=cfg.segments, remat=cfg.remat, dtype=dtype_of(cfg.dtype),
             param_dtype=param_dtype, rngs=rngs,
         )
 
@@ -176,7 +177,7 @@ class OQ2VL(nnx.Module):
         lm, cfg = self.language_model, self.cfg
         ids, seg = batch["input_ids"], batch["segment_ids"]
         hidden = lm.hidden_states(self.embed(ids, batch.get("images")), batch["positions"], seg)
-        if cfg.loss_chunk_size:
+        if cfg.loss_chunk_size and ids.shape[1] - 1 > cfg.loss_chunk_size:  # shorter rows: one chunk
             return chunked_token_losses(hidden, lm.output_matrix(), ids, batch["loss_mask"], seg,
                                         cfg.cross_segment_attention, cfg.loss_chunk_size)
         return token_losses(lm.logits(hidden), ids, batch["loss_mask"], seg, cfg.cross_segment_attention)

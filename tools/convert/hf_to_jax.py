@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from oq2vl_jax import checkpoint
+from oq2vl_jax import cli
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.config import Config
 from oq2vl_jax.hf_io import LazyTensors, read_model_dir, read_torch, read_weights_file, torch_tensors, torch_linear_init
@@ -380,12 +381,13 @@ def convert(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.setup_logging("INFO")
     start = time.time()
     try:
         out = convert(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # ConversionError, WeightError, ConfigError
-        print(f"hf_to_jax: error: {e}", file=sys.stderr)
-        return 1
+        print(f"hf_to_jax: error: {cli.one_line(e)}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
     print(f"hf_to_jax: wrote {out} in {time.time() - start:.1f}s")
     return 0
 

@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from oq2vl_jax import checkpoint
+from oq2vl_jax import cli
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.hf_io import parse_size, write_safetensors
 from oq2vl_jax.models import build_abstract, flat_params
@@ -378,12 +379,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.setup_logging("INFO")
     start = time.time()
     try:
         out = export(args)
     except (ValueError, FileNotFoundError) as e:  # ExportError, WeightError, ConfigError
-        print(f"jax_to_hf: error: {e}", file=sys.stderr)
-        return 1
+        print(f"jax_to_hf: error: {cli.one_line(e)}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
     print(f"jax_to_hf: wrote {args.format} to {out} in {time.time() - start:.1f}s")
     return 0
 
