@@ -8,10 +8,11 @@
 # Stages:
 #   check     tests/test_gpu.py: cuDNN packed/unmasked attention and the whole model vs XLA, bf16
 #   train     bench/train_bench.py (pretrain shapes) beside the PyTorch baseline, if BASELINE names
-#             its file (shared/bench/torch_baseline.py)
+#             its file (a PyTorch script kept outside this repository)
 #   ablate    the same step with every image slot through the tower, then with XLA attention
 #   generate  bench/generate_bench.py at full size: SFT (729 image tokens) and pre-training (144)
 #   data      bench/pack_bench.py and bench/loader_bench.py with all cores
+#   eval      bench/eval_bench.py at full size: benchmark questions/s (SFT: 729 image tokens)
 #
 # Packages the GPU image lacks (grain, array-record, webdataset, ...) are installed from wheels in
 # WHEELS (default .whl/) when the directory exists; see the README's "Performance" section.
@@ -63,6 +64,10 @@ for stage in "$@"; do
     data)
       run data python3 bench/pack_bench.py --samples $((500 * CORES)) --shards "$CORES" --workers 1 "$CORES"
       run data python3 bench/loader_bench.py --samples 2000 --batches 60 --workers 0 1 $((CORES / 2)) "$CORES" ;;
-    *) echo "unknown stage $stage (check, train, ablate, generate, data)"; exit 2 ;;
+    eval)
+      run eval python3 bench/eval_bench.py --config configs/sft.yaml --batch 32 --questions 256
+      run eval python3 bench/eval_bench.py --config configs/sft.yaml --batch 32 --questions 256 \
+        --set model.param_dtype=bfloat16 ;;
+    *) echo "unknown stage $stage (check, train, ablate, generate, data, eval)"; exit 2 ;;
   esac
 done

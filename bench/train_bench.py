@@ -8,7 +8,7 @@ first `images-per-row` of the config's `data.max_images` slots (the rest empty, 
 step is the real `train_step` (frozen tower forward, projector + LLM forward/backward, AdamW), jitted
 with the configured mesh and donated state. MFU uses oq2vl_jax/flops.py (the formula is documented
 there: 6N per LLM token, causal attention over the whole row once, the frozen tower's forward).
-Run it beside shared/bench/torch_baseline.py on the same GPU for the comparison.
+Run it beside the PyTorch baseline (a script kept outside this repository) on the same GPU.
 
 model.arch qwen2_vl configs (e.g. configs/qwen2vl_sft.yaml) get rows of `images-per-row` samples of
 [vision start, image tokens, vision end, caption], each image a `--image-grid H W` patch grid (default

@@ -13,44 +13,20 @@ sharding), so a checkpoint saved from any mesh is read onto any other mesh, or o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from oq2vl_jax.cli import UserError
+from oq2vl_jax.treepaths import dotted, flatten, nest  # noqa: F401  nest: callers use checkpoint.nest
 
 PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 CONFIG_FILE = "config.yaml"
-
-
-def nest(flat: Mapping[tuple, Any], str_keys: bool = True) -> dict:
-    """{("a", "layers", 0, "b"): x} -> {"a": {"layers": {"0": {"b": x}}}}.
-
-    Orbax stores int and str keys under the same names, so either form restores the other;
-    `str_keys=False` keeps list indices as ints, the form `nnx.merge` takes."""
-    key = str if str_keys else (lambda p: p)
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(key(p), {})
-        node[key(path[-1])] = value
-    return out
-
-
-def flatten(nested: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """Inverse of `nest`; digit keys become ints again (list indices of the model)."""
-    out = {}
-    for k, v in nested.items():
-        key = prefix + (int(k) if isinstance(k, str) and k.isdigit() else k,)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -63,8 +39,9 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
     """`save_concurrent_gb` bounds the params bytes Orbax serialises at once (its default, 96 GB, lets
     a host-memory save hold a copy of everything in flight); only for managers that save params alone."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep_last or None,
-        keep_period=keep_every or None,
+        max_to_keep=None if read_only else keep_last or None,
+        keep_period=None if read_only else keep_every or None,
+        save_interval_steps=0 if read_only else 1,  # a reader sets nothing Orbax would override with a warning
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
@@ -74,7 +51,21 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
     handlers = None
     if save_concurrent_gb is not None:
         handlers = {PARAMS: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)}
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+    with _absl_quiet() if read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """Orbax warns through absl that a read-only manager's directory is read-only, which is what the
+    reader asked for; a user loading a checkpoint for generation should not see it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params, opt_state=None, meta: dict | None = None,
@@ -189,10 +180,9 @@ def check_saved_params(run_dir: str, step: int, abstract_params: Mapping) -> Non
     at `step` disagree on (missing, extra or differently shaped), instead of Orbax's tree error."""
     saved = {k: tuple(v.shape) for k, v in flatten(saved_param_shapes(run_dir, step)).items()}
     want = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
-    name = lambda p: ".".join(map(str, p))  # noqa: E731
-    problems = [f"missing {name(k)}" for k in sorted(want.keys() - saved.keys(), key=name)]
-    problems += [f"extra {name(k)}" for k in sorted(saved.keys() - want.keys(), key=name)]
-    problems += [f"{name(k)} saved {saved[k]}, model {want[k]}" for k in sorted(want.keys() & saved.keys(), key=name)
+    problems = [f"missing {dotted(k)}" for k in sorted(want.keys() - saved.keys(), key=dotted)]
+    problems += [f"extra {dotted(k)}" for k in sorted(saved.keys() - want.keys(), key=dotted)]
+    problems += [f"{dotted(k)} saved {saved[k]}, model {want[k]}" for k in sorted(want.keys() & saved.keys(), key=dotted)
                  if saved[k] != want[k]]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

@@ -11,7 +11,8 @@
   projector 2 * N_proj * patches or pooled tokens, x3 (it trains)
 
 Counting attention over the whole row (not per packed sample) makes figures comparable with a
-baseline that runs plain causal attention over the row.
+baseline that runs plain causal attention over the row. MFU divides by the devices' peak:
+`train.peak_tflops` when set, else the bf16 dense tensor-core peak of the device kind (below).
 
 Qwen2-VL (model.arch qwen2_vl): `images` counts real patches instead, and the tower costs
   vision   2 * N_vit_per_patch * patches + 2 * 2 * depth * P^2 * embed_dim per patch row of P
@@ -22,6 +23,22 @@ Qwen2-VL (model.arch qwen2_vl): `images` counts real patches instead, and the to
 from __future__ import annotations
 
 from oq2vl_jax.models.config import ModelConfig
+
+
+# bf16 dense (no sparsity) tensor-core peaks in TFLOP/s per device, from NVIDIA's datasheets, found by
+# substring in jax's device_kind (e.g. "NVIDIA H100 80GB HBM3"); the first match wins, so the PCIe
+# H100 (fewer SMs, lower clocks) comes before the SXM figure. H200 and GH200 share the H100 SXM's
+# compute; they differ in memory.
+PEAK_BF16_TFLOPS = (("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("a100", 312.0), ("b200", 2250.0))
+
+
+def peak_flops_per_device(device_kind: str, configured_tflops: float | None = None) -> float | None:
+    """FLOP/s an MFU figure divides by: the configured peak, else the device kind's, else None
+    (unknown kind, e.g. a CPU: MFU is not reported rather than made up)."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    kind = device_kind.lower()
+    return next((tflops * 1e12 for name, tflops in PEAK_BF16_TFLOPS if name in kind), None)
 
 
 def llm_matmul_params(cfg: ModelConfig) -> int:
@@ -68,16 +85,3 @@ def qwen2_vl_vision_flops(cfg: ModelConfig, rows: int, patches: int, patch_row: 
     merger = 2.0 * (wide * wide + wide * v.hidden_size) * patches / v.spatial_merge_size**2
     return (2.0 * per_patch * patches + attn) * (3.0 if vision_trained else 1.0) + 3.0 * merger
 
-
-# bf16 dense peak FLOP/s per device, by jax's device_kind (substring match, most specific first).
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("B200", 2250.0), ("A100", 312.0))
-
-
-def peak_flops_per_device(device_kind: str, configured_tflops: float | None) -> float | None:
-    """The peak used for MFU: the configured one, else the device kind's; None (MFU n/a) otherwise."""
-    if configured_tflops is not None:
-        return configured_tflops * 1e12
-    for name, tflops in PEAK_BF16_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return tflops * 1e12
-    return None

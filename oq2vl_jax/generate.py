@@ -10,7 +10,7 @@ per step against the KV cache until every row has emitted a stop token or ``max_
 reached. Each (batch, prompt length, max length) shape compiles once; prompt lengths are rounded up
 to ``pad_multiple`` so that different batches mostly share a compilation.
 
-Prompt formats (spec §3, §4, §9):
+Prompt formats (docs/original_system.md §3-4):
   caption  ``<s>`` + ``<image>\\n`` per image + prompt (the pre-training layout; the default)
   chat     the tokenizer's chat template with a system message (SFT models trained with ChatML)
   chat-original  the original's Qwen2PromptBuilder, quirks included
@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize, squash
+from oq2vl_jax.images import normalize, squash
 from oq2vl_jax.models.cache import KVCache
+from oq2vl_jax.treepaths import dotted
 
 FORMATS = ("caption", "chat", "chat-original", "fewshot", "raw")
 DEFAULT_SYSTEM = "You are a helpful assistant."  # as oq2vl_jax.data.samples (SFT training)
@@ -68,15 +69,16 @@ def decode_step(model, cache: KVCache, tokens, positions):
     return lm.logits(h[:, 0]).astype(jnp.float32), cache
 
 
-def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int | None):
-    """Next token per row from float32 logits [B, V] and one PRNG key per row [B]: argmax when
-    temperature == 0, else nucleus sampling. Ids >= vocab_limit (embedding rows past the tokenizer)
-    are never chosen."""
+def _limit_vocab(logits, vocab_limit: int | None):
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    return logits
+
+
+def sampling_logits(logits, *, temperature: float, top_p: float, vocab_limit: int | None):
+    """The logits `sample` draws from when temperature > 0 (their softmax is the distribution):
+    divided by the temperature, then restricted to the nucleus of mass top_p; ids >= vocab_limit -inf."""
+    logits = _limit_vocab(logits, vocab_limit) / temperature
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1, stable=True)
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
@@ -86,6 +88,16 @@ def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int |
         keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample(logits, keys, *, temperature: float, top_p: float, vocab_limit: int | None):
+    """Next token per row from float32 logits [B, V] and one PRNG key per row [B]: argmax when
+    temperature == 0, else nucleus sampling. Ids >= vocab_limit (embedding rows past the tokenizer)
+    are never chosen."""
+    if temperature == 0:
+        return jnp.argmax(_limit_vocab(logits, vocab_limit), axis=-1).astype(jnp.int32)
+    logits = sampling_logits(logits, temperature=temperature, top_p=top_p, vocab_limit=vocab_limit)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
@@ -268,7 +280,7 @@ class Generator:
 # ---------------------------------------------------------------------------------------------
 
 def load_image(image, size: int) -> np.ndarray:
-    """Inference preprocessing (spec §1 "resize-naive"): RGB, PIL bicubic squash to size x size,
+    """Inference preprocessing ("resize-naive", docs/original_system.md §1): RGB, PIL bicubic squash to size x size,
     (x/255 - 0.5)/0.5. Accepts a path, a PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
     from PIL import Image
 
@@ -430,7 +442,7 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     loaded = checkpoint.flatten(params)
     for path, var in nnx.to_flat_state(abstract):
         if path not in loaded:
-            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {'.'.join(map(str, path))}")
+            raise KeyError(f"checkpoint {run_dir} step {step} has no parameter {dotted(path)}")
         var.set_value(loaded[path])
     return nnx.merge(graphdef, abstract), cfg, step
 

@@ -1,9 +1,10 @@
-"""Tensor files in and out, one tensor at a time: safetensors (single or sharded) and torch pickles.
+"""Tensor files in and out: safetensors (single or sharded, via the safetensors library) and torch pickles.
 
 Readers are lazy mappings {key: numpy array}: opening one reads only headers, and a tensor is read
 when its key is looked up, so a converter holds at most what it has already converted. bf16 comes
-back as ml_dtypes.bfloat16 numpy arrays, so dtypes survive untouched. torch is imported only for
-`.bin`/`.pt` files (mmap, weights_only) and is otherwise not needed.
+back as ml_dtypes.bfloat16 numpy arrays (safetensors' numpy API and torch_to_numpy both use it), so
+dtypes survive untouched. torch is imported only for `.bin`/`.pt` files (mmap, weights_only) and is
+otherwise not needed.
 """
 
 from __future__ import annotations
@@ -48,68 +49,34 @@ class LazyTensors(Mapping):
         return LazyTensors(names, lambda k: self._load(back[k]), f"{self.source}[{prefix}]")
 
 
-# -- safetensors (the format: u64 header size, JSON header, raw little-endian data) ---------------------------------------------------------------------------------
+# -- safetensors --------------------------------------------------------------------------------
 
 
-_SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+def _open_safetensors(path: str):
+    from safetensors import SafetensorError, safe_open
 
-
-def _safetensors_index(path: str) -> tuple[int, dict]:
-    """(data start, {key: (dtype, shape, begin, end)}) from a safetensors header, checked against the file."""
-    size = os.path.getsize(path)
-    bad = f"cannot read safetensors file {path}"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise WeightError(f"{bad}: invalid header length (truncated or not a safetensors file?)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise WeightError(f"{bad}: unreadable header ({e})") from e
-    header.pop("__metadata__", None)
-    entries, data_size = {}, size - 8 - n
-    for key, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _SAFE_DTYPES:
-            raise WeightError(f"{bad}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        dtype = _np_dtype(_SAFE_DTYPES[info["dtype"]])
-        if end - begin != dtype.itemsize * math.prod(info["shape"]):
-            raise WeightError(f"{bad}: tensor {key!r} has {end - begin} bytes for shape {info['shape']}")
-        if end > data_size:
-            raise WeightError(f"{bad}: tensor {key!r} ends at byte {end} of {data_size} (truncated?)")
-        entries[key] = (dtype, tuple(info["shape"]), begin, end)
-    return 8 + n, entries
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    try:
+        return safe_open(path, framework="np")
+    except SafetensorError as e:  # safetensors checks the header against the file size and offsets
+        raise WeightError(f"cannot read safetensors file {path}: {e} (truncated or not a safetensors file?)") from e
 
 
 def read_safetensors(paths: list[str]) -> LazyTensors:
     """One lazy mapping over one or more safetensors files (the shards of one checkpoint).
 
-    Tensors are read-only views of a memory map: nothing is copied until a consumer needs to, and
-    the pages are file-backed (the OS can drop them), so reading does not grow anonymous memory.
+    Each file stays open (memory-mapped by safetensors); a tensor is copied out only when its key is
+    looked up, so a converter holds only what it has read.
     """
-    maps, owner = {}, {}
+    handles, owner = {}, {}
     for path in paths:
-        start, entries = _safetensors_index(path)
-        maps[path] = (np.memmap(path, dtype=np.uint8, mode="r"), start, entries)
-        for key in entries:
+        handles[path] = _open_safetensors(path)
+        for key in handles[path].keys():
             if key in owner:
                 raise WeightError(f"tensor {key!r} is stored twice ({owner[key]} and {path})")
             owner[key] = path
 
     def load(key: str) -> np.ndarray:
-        mm, start, entries = maps[owner[key]]
-        dtype, shape, begin, end = entries[key]
-        return mm[start + begin:start + end].view(dtype).reshape(shape)
+        return handles[owner[key]].get_tensor(key)
 
     return LazyTensors(owner, load, paths[0] if len(paths) == 1 else os.path.dirname(paths[0]))
 
@@ -213,34 +180,16 @@ def parse_size(text: str | int) -> int:
     return int(s)
 
 
-def write_safetensors_file(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Writes one safetensors file tensor by tensor: only one tensor is made contiguous at a time
-    (safetensors.numpy.save_file would first hold a bytes copy of every tensor)."""
-    names = {np.dtype(v).name: k for k, v in _SAFE_DTYPES.items()}
-    header, offset = {}, 0
-    for key, value in tensors.items():
-        if value.dtype.name not in names:
-            raise WeightError(f"tensor {key!r}: dtype {value.dtype} cannot be written to safetensors")
-        header[key] = {"dtype": names[value.dtype.name], "shape": list(value.shape),
-                       "data_offsets": [offset, offset + value.nbytes]}
-        offset += value.nbytes
-    if metadata:
-        header = {"__metadata__": metadata, **header}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for value in tensors.values():
-            f.write(np.ascontiguousarray(value).view(np.uint8).reshape(-1).data)
-
-
 def write_safetensors(tensors: Mapping[str, np.ndarray], out_dir: str, max_shard_bytes: int) -> list[str]:
     """Writes HF-style shards: model.safetensors, or model-0000k-of-0000N.safetensors + the index.
 
-    Values may be views (e.g. transposes); each is made contiguous only while it is written.
-    Shards are filled greedily in key order.
+    Values may be views (e.g. transposes): a shard's views are made contiguous while it is written,
+    so writing holds at most one shard (max_shard_bytes) of copies. Shards are filled greedily in
+    key order.
     """
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
     shards: list[list[str]] = [[]]
     used = 0
     for key, value in tensors.items():
@@ -253,7 +202,11 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], out_dir: str, max_shard
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     os.makedirs(out_dir, exist_ok=True)
     for name, keys in zip(names, shards):
-        write_safetensors_file(os.path.join(out_dir, name), {k: tensors[k] for k in keys}, {"format": "pt"})
+        shard = {k: np.ascontiguousarray(tensors[k]) for k in keys}  # safetensors writes contiguous arrays
+        try:
+            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        except (SafetensorError, TypeError, ValueError) as e:  # e.g. a dtype the format has no name for
+            raise WeightError(f"cannot write {name}: {e}") from e
     if n > 1:
         index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}

@@ -52,8 +52,6 @@ class MetricsLogger:
 
 
 def _plain(v):
-    if v is None:
-        return None
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -61,7 +59,7 @@ def _plain(v):
 
 
 def _fmt(v) -> str:
-    if v is None:
+    if v is None:  # a figure that cannot be computed here (e.g. MFU on a device of unknown peak)
         return "n/a"
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):

@@ -15,14 +15,11 @@ import jax.numpy as jnp
 import optax
 
 from oq2vl_jax.config import OptimConfig
-
-
-def path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+from oq2vl_jax.treepaths import dotted
 
 
 def is_frozen(path: tuple, cfg: OptimConfig) -> bool:
-    s = path_str(path)
+    s = dotted(path)
     return any(re.search(rx, s) for rx in cfg.freeze)
 
 
@@ -75,7 +72,7 @@ def make_optimizer(cfg: OptimConfig, params: Mapping, unflatten, run_steps: int)
         for p in params:
             m = 1.0
             for rx, factor in cfg.lr_multipliers:
-                if re.search(rx, path_str(p)):
+                if re.search(rx, dotted(p)):
                     m = factor
             mults[p] = m
         chain.append(_scale_by_tree(unflatten(mults)))

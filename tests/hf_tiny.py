@@ -13,6 +13,14 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
 TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6)
 IMAGE_TOKEN_ID = 100
+# Variants that differ from our config defaults in every numeric field HF configs carry (eps, rope
+# theta, head_dim, channels, kv heads, ...), so that a field which silently falls back to our default
+# shows up. The eps values are large enough to matter at HF's init scale (activations ~0.02).
+VISION_VARIANT = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
+                      num_channels=4, patch_size=9, image_size=45, layer_norm_eps=1e-3)
+TEXT_VARIANT = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                    num_attention_heads=6, num_key_value_heads=3, head_dim=16, rms_norm_eps=1e-4,
+                    rope_theta=500.0)
 
 
 def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -42,13 +50,14 @@ def our_config(hf_vision=None, hf_text=None, image_tokens: int = 4, **overrides)
     t = hf_text.config if hf_text is not None else Qwen2Config(**TEXT)
     vision = VisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
+        num_attention_heads=v.num_attention_heads, num_channels=v.num_channels, image_size=v.image_size,
+        patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act,
     )
     text = TextConfig(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+        head_dim=None if getattr(t, "head_dim", None) in (None, t.hidden_size // t.num_attention_heads) else t.head_dim,
         rope_theta=t.rope_parameters["rope_theta"], tie_word_embeddings=t.tie_word_embeddings,
     )
     kw = dict(vision=vision, text=text, image_tokens=image_tokens, image_token_id=IMAGE_TOKEN_ID,

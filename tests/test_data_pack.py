@@ -269,6 +269,34 @@ def test_repeated_tar_key_is_another_sample(demo, tmp_path):
     assert st["samples_in"] == st["samples_packed"] == st["images"] == 2
 
 
+def test_tar_shard_is_streamed_one_sample_at_a_time(tmp_path):
+    import tracemalloc
+
+    from oq2vl_jax.data.readers import iter_tar
+
+    big = os.urandom(1 << 20)
+    shard = tmp_path / "big.tar"
+    _tar(shard, [(f"{i:03d}.{ext}", big) for i in range(16) for ext in ("jpg", "txt")])
+    tracemalloc.start()
+    try:
+        keys = [key for key, files in iter_tar(str(shard))]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keys == [f"{i:03d}" for i in range(16)]
+    # One sample is 2 MiB; reading copies it a few times, but never holds the 32 MiB shard.
+    assert peak < 12 * len(big), f"{peak / 2**20:.1f} MiB held while reading a 32 MiB shard"
+
+
+def test_tar_sample_is_a_run_of_consecutive_members(tmp_path):
+    from oq2vl_jax.data.readers import iter_tar
+
+    shard = tmp_path / "x.tar"
+    _tar(shard, [("a.jpg", b"1"), ("a.txt", b"2"), ("b.jpg", b"3"), ("a.json", b"4")])
+    assert list(iter_tar(str(shard))) == [("a", {"jpg": b"1", "txt": b"2"}), ("b", {"jpg": b"3"}),
+                                          ("a", {"json": b"4"})]
+
+
 def test_rerun_never_trusts_damaged_or_stale_markers(demo, tmp_path, monkeypatch):
     from oq2vl_jax.data.loader import resolve_source
 

@@ -3,6 +3,7 @@ checkpoint written with oq2vl_jax.checkpoint (config.yaml + Orbax params + a rel
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_prompt_formats_match_training_layouts(run):
         prompt = ids_of(fmt, "what colour is it?", 1)
         assert prompt == full.input_ids[:len(prompt)].tolist() and full.loss_mask[len(prompt)] == 1, fmt
         assert full.loss_mask[:len(prompt)].sum() == 0
-    # fewshot: spec §9 demonstrations, then the query
+    # fewshot: demonstrations (docs/original_system.md §4), then the query
     shots = [{"image": "a.png", "question": "what colour?", "answer": "red"},
              {"image": "b.png", "question": "what shape?", "answer": "circle"}]
     text, bos = render_prompt(tok, "what is it?", 1, "fewshot", shots=shots)
@@ -145,3 +146,18 @@ def test_cli_names_the_bad_request_line(tmp_path, line, match):
     shots.write_text('{"image": "a.png", "question": "q"}\n')
     with pytest.raises(ValueError, match=r"shots.jsonl:1: a shot is"):
         main(["--checkpoint", str(tmp_path / "no-such-run"), "--prompt", "q", "--shots", str(shots)])
+
+
+def test_loading_a_checkpoint_logs_no_warnings(run, caplog):
+    from oq2vl_jax.generate import load_checkpoint
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.WARNING)  # as in a fresh process, whatever earlier tests lowered it to
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, _, step = load_checkpoint(run[0])
+    finally:
+        absl.setLevel(level)
+    assert step == 5
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from hf_tiny import our_config
-from oq2vl_jax.models import ModelConfig, assign_params, build, build_abstract, build_sharded, count_params, flat_params
+from oq2vl_jax.models import ModelConfig, TextConfig, assign_params, build, build_abstract, build_sharded, count_params, flat_params
 from oq2vl_jax.models.attention import attention, make_mask, packed_seqlens_offsets
 from oq2vl_jax.sharding import make_mesh
+
+
+# The full-size model: Qwen2.5-1.5B (its 151,936-row embedding) + so400m, pooled to 144 tokens.
+FULL = ModelConfig(text=TextConfig(vocab_size=151936), image_tokens=144, image_token_id=151655)
 
 
 def _component_count(state, name):
@@ -18,7 +22,7 @@ def _component_count(state, name):
 
 
 def test_full_size_parameter_counts():
-    _, state = build_abstract(ModelConfig())  # eval_shape: nothing is allocated
+    _, state = build_abstract(FULL)  # eval_shape: nothing is allocated
     assert _component_count(state, "language_model") == 1_543_714_304  # HF Qwen2.5-1.5B
     assert _component_count(state, "vision_tower") == 412_987_248  # HF so400m without its head
     assert _component_count(state, "multi_modal_projector") == 4_131_840
@@ -26,7 +30,7 @@ def test_full_size_parameter_counts():
 
 def test_fsdp8_shards_every_large_weight_of_full_model():
     mesh = make_mesh(fsdp=8)
-    _, state = build_abstract(ModelConfig(), mesh)
+    _, state = build_abstract(FULL, mesh)
     for path, leaf in flat_params(state).items():
         spec = leaf.sharding.spec
         if np.prod(leaf.shape) >= 1_000_000:

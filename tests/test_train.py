@@ -80,13 +80,16 @@ def test_loss_decreases_and_checkpoint_is_complete(reference):
     assert sorted(ckpt.make_manager(str(reference), read_only=True).all_steps()) == [6, 12, 18, 20]
     assert os.listdir(reference / "tensorboard")
     assert all(0 <= r["data_wait"] <= 1 for r in metrics(reference).values())
+    assert all(r["mfu"] is None for r in metrics(reference).values())  # a CPU has no known peak: n/a
 
 
 def test_one_device_equals_fsdp8(demo, reference, tmp_path):
     from oq2vl_jax.train import run
 
-    run(tiny(demo, *STEPS, "mesh.fsdp=1", "train.profile_steps=[2, 3]"), str(tmp_path), stop_at=5)
+    run(tiny(demo, *STEPS, "mesh.fsdp=1", "train.profile_steps=[2, 3]", "train.peak_tflops=0.5"), str(tmp_path),
+        stop_at=5)
     np.testing.assert_allclose(losses(tmp_path), losses(reference)[:5], rtol=1e-4)
+    assert all(r["mfu"] > 0 for r in metrics(tmp_path).values())  # a configured peak gives MFU on any device
     # A profiled run is the same run; its trace is in WORKDIR/profile.
     assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(tmp_path / "profile") for f in fs)
 

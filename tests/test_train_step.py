@@ -1,5 +1,5 @@
 """The train step's loss weighting against HF torch: the original's mean of per-GPU micro-batch means
-(spec section 4) and our token mean, in loss value and gradient norm."""
+(docs/original_system.md §4) and our token mean, in loss value and gradient norm."""
 
 from __future__ import annotations
 

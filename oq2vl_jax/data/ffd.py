@@ -1,4 +1,4 @@
-"""First-fit-decreasing bin packing (the original packer's algorithm, spec §5), in O(n log n).
+"""First-fit-decreasing bin packing (the original packer's algorithm, docs/original_system.md §5), in O(n log n).
 
 The original recomputes every bin's sum for every item (O(n·bins)). Here a max segment tree over the
 bins' remaining capacities finds the *leftmost* bin with enough room in O(log n), which is exactly the

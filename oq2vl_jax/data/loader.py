@@ -34,8 +34,8 @@ import os
 import numpy as np
 
 from oq2vl_jax.cli import UserError
-from oq2vl_jax.data.images import normalize
 from oq2vl_jax.data.records import decode_row
+from oq2vl_jax.images import normalize
 
 MODES = ("packed", "unpacked_sft")
 
@@ -331,9 +331,6 @@ def _checked_iterator_class():
             return {"layout": self.layout, "iterator": self._it.get_state()}
 
         def set_state(self, state: dict) -> None:
-            if "layout" not in state:  # saved before the layout was recorded
-                self._it.set_state(state)
-                return
             saved = json.loads(json.dumps(state["layout"]))
             if saved != json.loads(json.dumps(self.layout)):
                 diff = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))

@@ -11,13 +11,13 @@ and a re-run skips every unit whose marker matches the current settings and inpu
 shard-level read error is not marked complete, so a re-run retries it. ``OUT/stats.json`` sums them all.
 
 Images are stored already squashed to image_size×image_size with PIL bicubic (the tower's own
-"resize-naive" transform, spec §1), so the loader only decodes and normalises. Default encoding is JPEG
-quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real photos offline): a smooth
-image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a worst-case image of
-fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB). Photos should fall in
-between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less disk and loader read
-bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact with the
-original's transform.
+"resize-naive" transform, docs/original_system.md §1), so the loader only decodes and normalises.
+Default encoding is JPEG quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real
+photos offline): a smooth image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a
+worst-case image of fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB).
+Photos should fall in between (not measured): JPEG then costs ~1-3 grey levels of error for ~2-4× less
+disk and loader read bandwidth. ``--image-format png`` stores the resized pixels losslessly, bit-exact
+with the original's transform.
 
 Every input sample is either packed into exactly one row or counted in ``skipped`` with its reason.
 
@@ -215,8 +215,12 @@ def _iter_samples(cfg: PackConfig, path: str):
     if cfg.qwen2vl:
         return (yield from _iter_qwen2vl(cfg, b, path))
     if cfg.mode == "caption":
-        raw, err = readers.read_tar(path)
-        for key, files in raw:
+        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
+        while True:
+            try:
+                key, files = next(tar)
+            except StopIteration as stop:
+                return stop.value
             try:
                 image, caption = readers.caption_from_files(files)
                 tokens = _fit(cfg, b, b.caption(caption))
@@ -224,7 +228,6 @@ def _iter_samples(cfg: PackConfig, path: str):
                                                           cfg.jpeg_quality)]
             except SampleError as e:
                 yield key, e
-        return err
     if cfg.mode == "text":
         raw, err = readers.read_text_docs(path, cfg.text_key)
         for key, doc in raw:
@@ -335,8 +338,7 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
             done = {}  # unreadable marker (e.g. empty after a power loss): not done
         rows_size = os.path.getsize(rows_path) if os.path.exists(rows_path) else 0
         if (isinstance(done, dict) and done.get("complete") and done.get("config") == fingerprint
-                and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size
-                and (done.get("rows") == 0 or os.path.exists(rows_path))):
+                and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size):
             done["reused"] = True
             return done
         # Not reusable: drop the marker before touching the rows, so a run killed between writing new

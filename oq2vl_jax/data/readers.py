@@ -1,7 +1,8 @@
 """Input readers for the packer: WebDataset tars, LLaVA SFT json/jsonl, text jsonl/txt, image prep.
 
 Readers never raise on bad content. They return what could be read, plus a shard-level error message
-(truncated or garbage tar, unparsable json file). Per-sample problems surface later as ``SampleError``.
+(truncated or garbage tar, unparsable json file); tars are streamed, sample by sample, with the error
+as the generator's return value. Per-sample problems surface later as ``SampleError``.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import json
 import os
 import re
 import tarfile
+from typing import Iterator
 
-from oq2vl_jax.data.images import squash
 from oq2vl_jax.data.samples import SampleError
+from oq2vl_jax.images import squash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -59,20 +61,21 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(d, stem) if d else stem, ext.lower()
 
 
-def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
-    """Reads a WebDataset tar into [(key, {ext: bytes})] in first-appearance order.
+def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Streams a WebDataset tar as (key, {ext: bytes}) samples, holding one sample in memory at a time.
 
-    On a read error (truncated or not a tar) returns the members read so far and the error text.
+    A sample is a run of consecutive members with the same key (WebDataset's rule; its writers keep a
+    sample's files together); a repeated key.ext starts another sample, as in WebDataset, and never
+    overwrites the first. On a read error (truncated or not a tar) the samples read so far are
+    yielded and the generator returns the error text (``StopIteration.value``; None when the tar is whole).
     """
-    groups: list[tuple[str, dict[str, bytes]]] = []
-    latest: dict[str, int] = {}  # key -> index of its latest group
-    error = None
+    key, files, error = None, {}, None
     try:
-        with tarfile.open(path, mode="r|*") as tf:
+        with tarfile.open(path, mode="r|*") as tf:  # stream mode: members are read once, in order
             for member in tf:
                 if not member.isfile():
                     continue
-                key, ext = _split_key(member.name)
+                k, ext = _split_key(member.name)
                 # Hidden files (e.g. macOS "._x.jpg" resource forks) and WebDataset "__x__" metadata
                 # are not samples; a key that merely starts with "_" is one.
                 base = os.path.basename(member.name)
@@ -80,14 +83,16 @@ def read_tar(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]
                     continue
                 f = tf.extractfile(member)
                 data = f.read() if f is not None else b""
-                i = latest.get(key)
-                if i is None or ext in groups[i][1]:  # a repeated key.ext starts another sample, as in
-                    latest[key] = i = len(groups)      # WebDataset; it must not overwrite this one
-                    groups.append((key, {}))
-                groups[i][1][ext] = data
+                if files and (k != key or ext in files):
+                    yield key, files
+                    files = {}
+                key = k
+                files[ext] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         error = f"{type(e).__name__}: {e}"
-    return groups, error
+    if files:
+        yield key, files
+    return error
 
 
 def caption_from_files(files: dict[str, bytes]) -> tuple[bytes, str]:
@@ -185,7 +190,8 @@ def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, o
 
 
 def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95) -> bytes:
-    """Decodes, converts to RGB, squashes to size×size (PIL bicubic, spec §1 'resize-naive'), re-encodes."""
+    """Decodes, converts to RGB, squashes to size×size (PIL bicubic: the original's 'resize-naive',
+    docs/original_system.md §1), re-encodes."""
     from PIL import Image
 
     try:

@@ -1,6 +1,6 @@
 """Builds one training sample's token ids and loss mask (caption, SFT conversation, plain text).
 
-Layout rules (spec §3-4), with each image expanded at pack time into ``image_tokens`` copies of the
+Layout rules (docs/original_system.md §3-4), with each image expanded at pack time into ``image_tokens`` copies of the
 ``<|image_pad|>`` id so that a sample's length is its true multimodal length:
 
 * caption: ``[<s>] + K×img + tok("\\n" + caption) + [<|im_end|>]``; literal ``<image>`` inside a caption
@@ -12,7 +12,7 @@ Layout rules (spec §3-4), with each image expanded at pack time into ``image_to
 ``loss_mask[t] = 1`` means token ``t`` is a prediction target (the trainer applies it to the label side
 of its shifted cross-entropy). Image slots and padding are never targets.
 
-Not reproduced: the original's ``tokenizer_image_token`` offset bug (spec §3), which drops the first
+Not reproduced: the original's ``tokenizer_image_token`` offset bug (docs/original_system.md §4), which drops the first
 token after each ``<image>`` in SFT; we keep that token.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ class SampleBuilder:
             for i, m in enumerate(msgs):
                 texts.append((f"<|im_start|>user\n{m}<|im_end|>\n<|im_start|>assistant\n", 0) if i % 2 == 0
                              else (f"{m}<|im_end|>\n", 1))
-        else:  # the original Qwen2PromptBuilder, quirks included (spec §4)
+        else:  # the original Qwen2PromptBuilder, quirks included (docs/original_system.md §4)
             texts = []
             for i, m in enumerate(msgs):
                 if i % 2 == 0:

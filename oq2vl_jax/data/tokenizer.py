@@ -1,6 +1,6 @@
 """Tokenizer loading (prepared exactly like Open-Qwen2VL) and an offline tiny Qwen2-style tokenizer.
 
-Open-Qwen2VL (spec §3) takes the stock Qwen2.5 tokenizer and adds ``<|endofchunk|>`` and ``<s>`` as
+Open-Qwen2VL (docs/original_system.md §3) takes the stock Qwen2.5 tokenizer and adds ``<|endofchunk|>`` and ``<s>`` as
 additional special tokens, then sets ``bos_token = "<s>"``. ``<s>`` is an existing BPE entry in the real
 vocabulary, so it keeps its pre-trained id (128245); in a tiny tokenizer it gets a fresh id. Ids are
 always read back from the tokenizer, never hard-coded.
@@ -18,7 +18,7 @@ IM_START = "<|im_start|>"
 END_OF_CHUNK = "<|endofchunk|>"
 # The real Qwen2.5 tokenizer already has this one (id 151655); we use it as the per-token image slot.
 IMAGE_PAD = "<|image_pad|>"
-# Marker inside caption / SFT text where an image goes (LLaVA convention, spec §3).
+# Marker inside caption / SFT text where an image goes (LLaVA convention, docs/original_system.md §3).
 IMAGE_TAG = "<image>"
 
 # Qwen2's pre-tokenizer split pattern. Qwen2Tokenizer rebuilds this pipeline on load (transformers v5),

@@ -15,6 +15,7 @@ from oq2vl_jax.models.qwen2_vl import Qwen2VL
 from oq2vl_jax.models.vlm import OQ2VL
 from oq2vl_jax.models.weights import hf_to_ours
 from oq2vl_jax.sharding import state_shardings, use_mesh
+from oq2vl_jax.treepaths import dotted
 
 # Parameters are placed by jit out_shardings (build_sharded), never at creation time: Flax's
 # eager sharding would demand a mesh context even for plain single-device models.
@@ -76,7 +77,7 @@ def assign_params(model: OQ2VL, flat: Mapping[tuple, np.ndarray]) -> None:
             old = var.get_value()
             new = jnp.asarray(flat[path], dtype=old.dtype)
             if new.shape != old.shape:
-                raise ValueError(f"{'.'.join(map(str, path))}: shape {new.shape} != {old.shape}")
+                raise ValueError(f"{dotted(path)}: shape {new.shape} != {old.shape}")
             var.set_value(jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new)
     nnx.update(model, state)
 

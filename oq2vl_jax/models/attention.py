@@ -7,7 +7,7 @@ Implementations:
 * "xla": the reference; an explicit masked softmax in float32 that runs on every backend.
 * "cudnn": GPU fast path. Packed rows use cuDNN's packed ("THD-like") layout through per-segment
   lengths and offsets, so blocks across segments are never computed (see
-  shared/reference/jax_gpu_grain_orbax_notes.md §2.2). Unmasked (vision) and plain causal rows use
+  docs/attention_kernels.md, which also explains the workarounds below). Unmasked (vision) and plain causal rows use
   the public `jax.nn.dot_product_attention(implementation="cudnn")`. Where cuDNN can't run (not a
   GPU, float32 inputs, old JAX) it falls back to "xla" with a one-time warning.
 """

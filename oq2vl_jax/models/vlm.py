@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oq2vl_jax.data.images import normalize
+from oq2vl_jax.images import normalize
 from oq2vl_jax.models.config import ModelConfig
 from oq2vl_jax.models.layers import dtype_of
 from oq2vl_jax.models.projector import MultiModalProjector

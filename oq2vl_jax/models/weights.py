@@ -10,11 +10,12 @@ Arrays are numpy throughout; nothing here needs torch.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from oq2vl_jax.cli import UserError
+from oq2vl_jax.treepaths import dotted, parse
 
 # Our top-level component -> the HF model class whose state dict it holds.
 VISION, PROJECTOR, LLM = "vision_tower", "multi_modal_projector", "language_model"
@@ -31,14 +32,6 @@ _IGNORED = {
 
 class WeightError(UserError, ValueError):
     """A missing, unexpected or mis-shaped tensor; the message names it."""
-
-
-def _to_path(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
-
-
-def _to_key(path: Iterable) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def normalize_vision_keys(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -136,21 +129,21 @@ def hf_to_ours(component: str, sd: Mapping[str, np.ndarray], params: Mapping[tup
             continue
         if component == LLM and key == "lm_head.weight" and tie_word_embeddings:
             continue  # tied: HF keeps an alias of embed_tokens in memory
-        hf_path = _to_path(key)
+        hf_path = parse(key)
         leaf = _leaf_for((component,) + hf_path[:-1], hf_path[-1], params)
         path = (component,) + hf_path[:-1] + (leaf,)
         if path not in params:
-            raise WeightError(f"unexpected tensor {key!r} for {component} (no parameter {_to_key(path)})")
+            raise WeightError(f"unexpected tensor {key!r} for {component} (no parameter {dotted(path)})")
         hf_shape = tuple(np.shape(value))
         value = _to_ours(np.asarray(value), leaf, np.ndim(value))
         want = tuple(params[path].shape)
         if tuple(value.shape) != want:
             raise WeightError(f"tensor {key!r} has shape {hf_shape} (HF layout); "
-                              f"{_to_key(path)} needs {want} (ours)")
+                              f"{dotted(path)} needs {want} (ours)")
         out[path] = value
     missing = [p for p in params if p[0] == component and p not in out]
     if missing:
-        names = ", ".join(_to_key(p) for p in missing[:5])
+        names = ", ".join(dotted(p) for p in missing[:5])
         raise WeightError(f"{component}: {len(missing)} parameter(s) missing from the HF state dict, e.g. {names}")
     return out
 
@@ -163,7 +156,7 @@ def ours_to_hf(component: str, params: Mapping[tuple, np.ndarray]) -> dict[str, 
             continue
         leaf = path[-1]
         hf_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
-        out[_to_key(path[1:-1] + (hf_leaf,))] = _to_hf(np.asarray(value), leaf)
+        out[dotted(path[1:-1] + (hf_leaf,))] = _to_hf(np.asarray(value), leaf)
     return out
 
 

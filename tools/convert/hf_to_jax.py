@@ -2,10 +2,13 @@
 
     python tools/convert/hf_to_jax.py --vision hf/siglip-so400m-patch14-384 \\
         --llm hf/Qwen2.5-1.5B-Instruct --image-tokens 144 --out checkpoints/oq2vl-base
+    python tools/convert/hf_to_jax.py --vision hf/siglip-so400m-patch14-384 \\
+        --llava hf/mlm-filter-qwen2.5-1.5b-gpt4o --out checkpoints/mlm-filter
     python tools/convert/hf_to_jax.py --vision hf/timm-ViT-SO400M-14-SigLIP-384/open_clip_pytorch_model.bin \\
         --llm hf/Qwen2.5-1.5B-Instruct --oq-checkpoint hf/Open-Qwen2VL/checkpoints/latest-checkpoint.pt \\
         --image-tokens 729 --out checkpoints/open-qwen2vl
 
+    python tools/convert/hf_to_jax.py --siglip hf/siglip-so400m-patch14-384 --out checkpoints/siglip-pair
     python tools/convert/hf_to_jax.py --qwen2-vl hf/Qwen2-VL-2B-Instruct --out checkpoints/qwen2-vl-2b
 
 (All paths are local directories/files; nothing is downloaded.)
@@ -24,6 +27,15 @@ DIR/checkpoints/0/params, the layout training starts from (`train.init_from`) an
 its source's GELU: tanh for HF SigLIP, exact for timm. Open-Qwen2VL ran the timm tower, so to run HF
 SigLIP weights as the original did pass --vision-act gelu (the default with --oq-checkpoint).
 --llm: a HF Qwen2/Qwen2.5 directory (config, tokenizer; its weights unless --oq-checkpoint).
+--llava: instead of --llm, a LLaVA(-Unified) Qwen2 checkpoint directory such as MLM-Filter's
+mlm-filter-qwen2.5-1.5b-gpt4o (config with mm_* fields, model.* + lm_head + model.mm_projector.{0,2}.*
+or model.mm_projector.mlp_projector.{0,2}.* tensors, tokenizer). --vision is then its mm_vision_tower
+(HF siglip-so400m-patch14-384); features from mm_vision_select_layer; image tokens are every patch
+(mlp2x_gelu) or mm_num_image_tokens after adaptive average pooling (aapool_mlp, e.g. 144); projector
+GELU exact. The tokenizer is kept as released (not prepared as Open-Qwen2VL's), for
+oq2vl_jax.data.curate --mlm-filter.
+--siglip (alone): a HF SiglipModel with both towers -> the image/text pair that
+oq2vl_jax.data.curate --siglip-score reads (siglip.json, model.safetensors, tokenizer/).
 --oq-checkpoint: a prismatic `latest-checkpoint.pt` ({"model": {"projector", "llm_backbone"[,
 "vision_backbone"]}}); its projector and LLM (and vision tower, if saved) replace the HF weights,
 and the image token count comes from the run's config.json (RUN/config.json for
@@ -164,6 +176,10 @@ def read_llm_config(directory: str) -> TextConfig:
     hf = AutoConfig.from_pretrained(directory)
     if hf.model_type != "qwen2":
         raise ConversionError(f"{directory}: model_type {hf.model_type!r} is not qwen2")
+    return _text_config(hf, directory)
+
+
+def _text_config(hf, directory: str) -> TextConfig:
     if getattr(hf, "use_sliding_window", False):
         raise ConversionError(f"{directory}: use_sliding_window=true is not supported")
     if hf.hidden_act != "silu":
@@ -185,7 +201,7 @@ _OQ_PROJECTOR = {"mlp_projector.0.": "linear_1.", "mlp_projector.2.": "linear_2.
 
 
 def read_oq_checkpoint(path: str) -> dict[str, LazyTensors]:
-    """{component: lazy HF-named tensors} from a prismatic checkpoint (spec section 7)."""
+    """{component: lazy HF-named tensors} from a prismatic checkpoint (docs/original_system.md §7)."""
     obj = read_torch(path)
     model = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or "projector" not in model or "llm_backbone" not in model:
@@ -226,6 +242,119 @@ def oq_image_tokens(ckpt_path: str) -> int | None:
     return int(head) if head.isdigit() else 144
 
 
+# -- LLaVA-Qwen checkpoint (MLM-Filter) ------------------------------------------------------------
+
+LLAVA_TYPES = ("llava_qwen",)
+
+
+LLAVA_PROJECTORS = {  # mm_projector_type -> the prefix of its Linear-GELU-Linear tensors
+    "mlp2x_gelu": "model.mm_projector.",  # nn.Sequential on every patch
+    "aapool_mlp": "model.mm_projector.mlp_projector.",  # adaptive average pool to mm_num_image_tokens first
+}
+
+
+def read_llava(directory: str) -> tuple[TextConfig, dict, dict[str, LazyTensors]]:
+    """(LLM config, LLaVA settings, {component: lazy HF-named tensors}) of a LLaVA(-Unified) Qwen2
+    checkpoint directory, e.g. mlm-filter-qwen2.5-1.5b-gpt4o: a Qwen2 config with mm_* fields and one
+    state dict with model.* (Qwen2 decoder), lm_head.weight and the projector's two Linear layers
+    (LLAVA_PROJECTORS). Its SigLIP tower is loaded by name (mm_vision_tower) from its own release, so
+    it comes from --vision; vision tensors saved in the checkpoint are not read, as the original does."""
+    from transformers import Qwen2Config
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"--llava {directory!r}: not a HF model directory (no config.json)")
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("model_type") not in LLAVA_TYPES:
+        raise ConversionError(f"{path}: model_type {raw.get('model_type')!r} is not one of {LLAVA_TYPES}")
+    settings = {k: raw.get(k) for k in ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+                                        "mm_use_im_start_end", "mm_patch_merge_type", "mm_hidden_size",
+                                        "mm_vision_tower", "mm_num_image_tokens")}
+    for key, allowed in (("mm_projector_type", tuple(LLAVA_PROJECTORS)), ("mm_vision_select_feature", ("patch", None)),
+                         ("mm_use_im_start_end", (False, None)), ("mm_patch_merge_type", ("flat", None))):
+        if settings[key] not in allowed:
+            raise ConversionError(f"{path}: {key}={settings[key]!r} is not supported (only {allowed})")
+    if settings["mm_projector_type"] == "aapool_mlp" and not settings["mm_num_image_tokens"]:
+        raise ConversionError(f"{path}: aapool_mlp without mm_num_image_tokens")
+    text = {k: v for k, v in raw.items() if not k.startswith(("mm_", "_")) and k not in ("model_type", "architectures")}
+    text_cfg = _text_config(Qwen2Config(**text), directory)
+    sd = read_model_dir(directory)
+    prefix = LLAVA_PROJECTORS[settings["mm_projector_type"]]
+    names = {}  # our Llava-style projector name -> their key
+    for key in (k for k in sd if k.startswith("model.mm_projector.")):
+        index, _, leaf = key.removeprefix(prefix).partition(".") if key.startswith(prefix) else ("", "", "")
+        if index not in ("0", "2"):
+            raise WeightError(f"{directory}: unexpected projector tensor {key!r} (expected {prefix}0/2.*)")
+        names[f"linear_{1 if index == '0' else 2}.{leaf}"] = key
+    projector = LazyTensors(list(names), lambda k: sd[names[k]], f"{directory}:mm_projector")
+    llm_keys = [k for k in sd if not k.startswith(("model.mm_projector.", "model.vision_tower.", "model.vision_resampler."))]
+    llm = LazyTensors(llm_keys, sd.__getitem__, f"{directory}:llm")
+    return text_cfg, settings, {PROJECTOR: projector, LLM: llm}
+
+
+def load_llava_tokenizer(src: str):
+    """The checkpoint's own tokenizer, unprepared (MLM-Filter prompts use its stock specials), plus
+    <|image_pad|> when missing: that id marks image slots. Returns (tokenizer, image id)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from oq2vl_jax.data.tokenizer import IMAGE_PAD
+
+    tok = AutoTokenizer.from_pretrained(src)
+    image = tok.convert_tokens_to_ids(IMAGE_PAD)
+    if image is None or image == tok.unk_token_id:
+        tok.add_tokens([AddedToken(IMAGE_PAD, special=True, normalized=False)], special_tokens=True)
+        image = tok.convert_tokens_to_ids(IMAGE_PAD)
+    return tok, int(image)
+
+
+# -- SigLIP image + text towers (for the curator's SigLIP score) -------------------------------------
+
+
+def convert_siglip(src: str, out: str, dtype: str | None = None) -> str:
+    """A HF SiglipModel directory (both towers) -> OUT/siglip.json, OUT/model.safetensors (our
+    parameter names, the dtypes kept unless `dtype`), OUT/tokenizer. Read by data/siglip_score.py."""
+    from flax import nnx
+    from transformers import AutoConfig, AutoTokenizer
+
+    from oq2vl_jax.data.siglip_score import CONFIG, TOKENIZER, WEIGHTS
+    from oq2vl_jax.hf_io import write_safetensors_file
+    from oq2vl_jax.models.siglip_text import SiglipPair, SiglipPairConfig, SiglipTextConfig, hf_to_pair
+
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ConversionError(f"--siglip {src!r}: not a HF model directory (no config.json)")
+    if os.path.exists(os.path.join(out, WEIGHTS)):
+        raise ConversionError(f"--out {out!r} already holds {WEIGHTS}; use a new directory")
+    hf = AutoConfig.from_pretrained(src)
+    if hf.model_type != "siglip":
+        raise ConversionError(f"{src}: model_type {hf.model_type!r} is not siglip (a SiglipModel with both towers)")
+    v, t = hf.vision_config, hf.text_config
+    for name, act in (("vision", v.hidden_act), ("text", t.hidden_act)):
+        if act not in VISION_ACTS:
+            raise ConversionError(f"{src}: {name} hidden_act {act!r} is not one of {VISION_ACTS}")
+    vision = dataclasses.replace(_hf_vision_config(src), feature_layer=-1, feature_post_layernorm=True)
+    text = SiglipTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                            max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+                            hidden_act=t.hidden_act,
+                            projection_size=getattr(t, "projection_size", None) or t.hidden_size)
+    cfg = SiglipPairConfig(vision=vision, text=text)
+    abstract = flat_params(nnx.eval_shape(lambda: SiglipPair(cfg, rngs=nnx.Rngs(0))))
+    flat = hf_to_pair(read_model_dir(src), abstract)
+    tensors = {}
+    for path, value in flat.items():
+        value = np.asarray(value)
+        tensors[".".join(map(str, path))] = value.astype(dtype_of(dtype)) if dtype else value
+    tok = AutoTokenizer.from_pretrained(src)
+    os.makedirs(out, exist_ok=True)
+    tok.save_pretrained(os.path.join(out, TOKENIZER))
+    write_safetensors_file(os.path.join(out, WEIGHTS), tensors)
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    return out
+
+
 # -- conversion ------------------------------------------------------------------------------------
 
 
@@ -264,8 +393,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vision", help="HF SigLIP dir, timm dir or timm weights file")
-    p.add_argument("--llm", help="HF Qwen2 dir (config, tokenizer, weights)")
-    p.add_argument("--qwen2-vl", help="HF Qwen2-VL dir (instead of --vision/--llm)")
+    p.add_argument("--siglip", help="alone: convert a HF SiglipModel (image + text towers) for "
+                   "oq2vl_jax.data.curate --siglip-score")
+    p.add_argument("--llm", help="HF Qwen2 dir (config, tokenizer, weights); or use --llava")
+    p.add_argument("--llava", help="a LLaVA(-Unified) Qwen2 checkpoint dir (e.g. mlm-filter-qwen2.5-1.5b-gpt4o): "
+                   "LLM, projector and tokenizer; its SigLIP tower comes from --vision")
+    p.add_argument("--qwen2-vl", help="HF Qwen2-VL dir (alone, instead of --vision/--llm)")
     p.add_argument("--oq-checkpoint", help="Open-Qwen2VL / prismatic latest-checkpoint.pt")
     p.add_argument("--image-tokens", type=int, help="image tokens after pooling (144, 729, ...; default: the "
                    "--oq-checkpoint run's arch_specifier, else 144)")
@@ -281,14 +414,24 @@ def parse_args(argv=None):
     p.add_argument("--projector-act", choices=VISION_ACTS, default="gelu", help="projector GELU (original: gelu)")
     p.add_argument("--projector-seed", type=int, help="seed of a fresh projector (default: vision hidden size)")
     args = p.parse_args(argv)
-    if args.qwen2_vl is None and (args.vision is None or args.llm is None):
-        p.error("--vision and --llm are required (or --qwen2-vl)")
-    if args.qwen2_vl is not None and (args.vision or args.llm or args.oq_checkpoint):
-        p.error("--qwen2-vl takes the place of --vision/--llm/--oq-checkpoint")
+    if args.qwen2_vl is not None:
+        if args.vision or args.llm or args.llava or args.oq_checkpoint or args.siglip:
+            p.error("--qwen2-vl converts a Qwen2-VL alone (with --out, optionally --dtype/--tokenizer)")
+        return args
+    if args.siglip:
+        if args.vision or args.llm or args.llava or args.oq_checkpoint:
+            p.error("--siglip converts a SigLIP alone (with --out, optionally --dtype)")
+        return args
+    if args.vision is None:
+        p.error("--vision is required")
+    if (args.llm is None) == (args.llava is None):
+        p.error("give exactly one of --llm and --llava")
+    if args.llava and args.oq_checkpoint:
+        p.error("--oq-checkpoint goes with --llm, not --llava")
     return args
 
 
-def _write(out: str, model_cfg: ModelConfig, tok, flat: dict) -> None:
+def _save(out: str, model_cfg: ModelConfig, tok, flat: dict) -> None:
     """Tokenizer, config, then the weights (called once everything is validated)."""
     tok.save_pretrained(os.path.join(out, "tokenizer"))
     checkpoint.save_config(out, Config(model=model_cfg, tokenizer="tokenizer"))
@@ -323,17 +466,19 @@ def convert_qwen2_vl(args, out: str) -> str:
     flat = {}
     for component, sd in parts.items():
         flat.update(hf_to_ours(component, sd, abstract, tie_word_embeddings=tie))
-    _write(out, model_cfg, tok, {k: _to_device(v, args.dtype) for k, v in flat.items()})
+    _save(out, model_cfg, tok, {k: _to_device(v, args.dtype) for k, v in flat.items()})
     return out
 
 
 def convert(args) -> str:
     """Runs the conversion described by parsed `args`; returns the output directory."""
     out = os.path.abspath(args.out)
+    if getattr(args, "siglip", None):
+        return convert_siglip(args.siglip, out, args.dtype)
     if os.path.isdir(checkpoint.checkpoint_dir(out)) and os.listdir(checkpoint.checkpoint_dir(out)):
         raise ConversionError(f"--out {out!r} already holds a checkpoint; use a new directory")
-    for flag, path in (("--vision", args.vision), ("--llm", args.llm), ("--oq-checkpoint", args.oq_checkpoint),
-                       ("--qwen2-vl", args.qwen2_vl)):
+    for flag, path in (("--vision", args.vision), ("--llm", args.llm), ("--llava", args.llava),
+                       ("--oq-checkpoint", args.oq_checkpoint), ("--qwen2-vl", args.qwen2_vl)):
         if path is not None and not os.path.exists(path):
             raise ConversionError(f"{flag} {path!r} does not exist")
     if args.qwen2_vl:
@@ -343,6 +488,8 @@ def convert(args) -> str:
     # Open-Qwen2VL's projector and LLM were trained on timm's exact-GELU tower, whatever --vision is.
     act = args.vision_act or ("gelu" if args.oq_checkpoint else vision_cfg.hidden_act)
     vision_cfg = dataclasses.replace(vision_cfg, feature_layer=args.vision_feature_layer, hidden_act=act)
+    if args.llava:
+        return _convert_llava(args, out, vision_cfg, vision_sd)
     text_cfg = read_llm_config(args.llm)
     oq = read_oq_checkpoint(args.oq_checkpoint) if args.oq_checkpoint else {}
     image_tokens = args.image_tokens
@@ -366,16 +513,44 @@ def convert(args) -> str:
     model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=image_tokens,
                             projector_hidden_act=args.projector_act, image_token_id=ids.image)
 
+    return _write(out, args, model_cfg, tok, vision_sd, projector_sd, llm_sd)
+
+
+def _convert_llava(args, out: str, vision_cfg: VisionConfig, vision_sd) -> str:
+    """A LLaVA-Qwen checkpoint + its SigLIP tower: features from mm_vision_select_layer; image tokens
+    = mm_num_image_tokens for aapool_mlp (torch's adaptive average pool, as our projector), else every
+    patch; the projector's GELU is nn.GELU (exact)."""
+    text_cfg, llava, comps = read_llava(args.llava)
+    if llava["mm_vision_select_layer"] is not None:
+        vision_cfg = dataclasses.replace(vision_cfg, feature_layer=int(llava["mm_vision_select_layer"]))
+    if llava["mm_hidden_size"] not in (None, vision_cfg.hidden_size):
+        raise ConversionError(f"{args.llava}: mm_hidden_size {llava['mm_hidden_size']} but the --vision tower is "
+                              f"{vision_cfg.hidden_size} wide; pass its mm_vision_tower ({llava['mm_vision_tower']})")
+    tokens = int(llava["mm_num_image_tokens"]) if llava["mm_projector_type"] == "aapool_mlp" else vision_cfg.num_patches
+    if args.image_tokens not in (None, tokens):
+        raise ConversionError(f"--image-tokens {args.image_tokens}: the LLaVA checkpoint uses {tokens}")
+    tok, image_id = load_llava_tokenizer(args.tokenizer or args.llava)
+    if len(tok) > text_cfg.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tok)} tokens but the LLM only {text_cfg.vocab_size} "
+                              "embedding rows")
+    model_cfg = ModelConfig(vision=vision_cfg, text=text_cfg, image_tokens=tokens,
+                            projector_hidden_act=args.projector_act, image_token_id=image_id)
+    return _write(out, args, model_cfg, tok, vision_sd, comps[PROJECTOR], comps[LLM])
+
+
+def _write(out: str, args, model_cfg: ModelConfig, tok, vision_sd, projector_sd, llm_sd) -> str:
+    """Checks every tensor against the model, then writes tokenizer, config and weights."""
+    text_cfg = model_cfg.text
     abstract = flat_params(build_abstract(model_cfg)[1])
     if text_cfg.tie_word_embeddings:
-        _check_tied_head(llm_sd, getattr(llm_sd, "source", args.llm))
+        _check_tied_head(llm_sd, getattr(llm_sd, "source", args.llm or args.llava))
     flat = {}
     for component, sd in ((VISION, vision_sd), (PROJECTOR, projector_sd), (LLM, llm_sd)):
         flat.update(hf_to_ours(component, sd, abstract, tie_word_embeddings=text_cfg.tie_word_embeddings))
     flat = {k: _to_device(v, args.dtype) for k, v in flat.items()}
 
     # Everything is validated; only now write (tokenizer, config, then the weights).
-    _write(out, model_cfg, tok, flat)
+    _save(out, model_cfg, tok, flat)
     return out
 
 

@@ -14,7 +14,7 @@ Formats:
                 files that add the pooling step; load with trust_remote_code=True.
   prismatic     back to the original code: OUT/checkpoints/latest-checkpoint.pt = {"model":
                 {"projector": mlp_projector.0/2.*, "llm_backbone": llm.<Qwen2 keys>}} in float32 with
-                both embed_tokens and lm_head (spec checklist 8), as the original saves a run with a
+                both embed_tokens and lm_head (docs/original_system.md §7), as the original saves a run with a
                 frozen tower (no vision_backbone: it loads timm's). OUT/config.json holds only
                 model.arch_specifier (e.g. "no-align+avgpool"); merge it into the run config the
                 original's loader expects. hf_to_jax.py --oq-checkpoint reads both back.
@@ -45,6 +45,7 @@ from oq2vl_jax.hf_io import parse_size, write_safetensors
 from oq2vl_jax.models import build_abstract, flat_params
 from oq2vl_jax.models.config import ModelConfig
 from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, ours_to_hf, qwen2_vl_to_hf
+from oq2vl_jax.treepaths import dotted
 
 FORMATS = ("qwen2", "llava", "pooled-llava", "prismatic", "qwen2-vl")
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pooled_llava")
@@ -65,15 +66,14 @@ def read_checkpoint(run_dir: str, model_cfg: ModelConfig, step: int | None):
     step, nested = checkpoint.load_params_as_saved(run_dir, step)
     flat = {path: np.asarray(v) for path, v in checkpoint.flatten(nested).items()}
     want = flat_params(build_abstract(model_cfg)[1])
-    key = lambda p: ".".join(map(str, p))  # noqa: E731
-    missing = sorted(key(p) for p in want.keys() - flat.keys())
-    extra = sorted(key(p) for p in flat.keys() - want.keys())
+    missing = sorted(dotted(p) for p in want.keys() - flat.keys())
+    extra = sorted(dotted(p) for p in flat.keys() - want.keys())
     if missing or extra:
         raise WeightError(f"{run_dir} step {step} does not match its config.yaml: missing {missing[:5]}, "
                           f"unexpected {extra[:5]}")
     for path, value in flat.items():
         if tuple(value.shape) != tuple(want[path].shape):
-            raise WeightError(f"{key(path)}: saved shape {value.shape} != {tuple(want[path].shape)} from config.yaml")
+            raise WeightError(f"{dotted(path)}: saved shape {value.shape} != {tuple(want[path].shape)} from config.yaml")
     return step, flat
 
 

@@ -1,4 +1,4 @@
-"""The one image preprocessing of the system (spec §1, "resize-naive"), shared by packing, loading,
+"""The one image preprocessing of the system (docs/original_system.md §1, "resize-naive"), shared by packing, loading,
 the model and generation: RGB, PIL bicubic squash to size x size (aspect ratio ignored), then
 (x / 255 - 0.5) / 0.5 into [-1, 1]."""
 
