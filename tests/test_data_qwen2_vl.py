@@ -149,3 +149,43 @@ def test_repacking_reuses_every_done_unit(packed):
     log.clear()
     pack.run(changed, [os.path.join(os.path.dirname(cfg.out), "sft.json")], log=log.append)
     assert ": packed," in log[0]
+
+
+def test_caption_rows_hold_each_image_at_its_own_token_count(packed):
+    """qwen2vl_caption: [vision start, the image's (h/28)(w/28) pads, vision end] + caption + <|im_end|>,
+    loss on the caption and <|im_end|>; the patches are HF's processor's."""
+    import io
+    import tarfile
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    d, sft_cfg, _ = packed
+    captions = {"a.png": "a cat sat on the mat", "b.png": "hello world", "c.png": "describe the image"}
+    with tarfile.open(d / "caps.tar", "w") as tf:
+        for i, (name, cap) in enumerate(captions.items()):
+            for ext, data in (("png", (d / name).read_bytes()), ("txt", cap.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    cfg = pack.PackConfig(**{**sft_cfg.__dict__, "mode": "qwen2vl_caption", "out": str(d / "caps")})
+    stats = pack.run(cfg, [str(d / "caps.tar")], log=lambda m: None)
+    assert stats["samples_packed"] == 3 and stats["rows"] == 1
+    tok = load_qwen2_vl_tokenizer(cfg.tokenizer)
+    ids = qwen2_vl_ids(tok)
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(os.path.join(cfg.out, "caps.array_record"))
+    row = Qwen2VLRowDecoder(256, 4, 160, Qwen2VLVisionConfig(**PIXELS), ids.image)(reader.read())
+    reader.close()
+    proc = Qwen2VLImageProcessorPil(**PIXELS)
+    seg, start = row["segment_ids"], 0
+    for s in range(1, 4):
+        got = row["input_ids"][seg == s]
+        name = next(n for n, c in captions.items() if tok.decode(got[row["loss_mask"][seg == s] == 1]) == c + "<|im_end|>")
+        ref = proc(images=[Image.open(d / name)], return_tensors="np")
+        n = int(ref["image_grid_thw"][0].prod()) // 4
+        want = [ids.vision_start] + [ids.image] * n + [ids.vision_end] + tok(captions[name])["input_ids"] + [ids.im_end]
+        assert got.tolist() == want
+        pv = ref["pixel_values"].reshape(-1, 3, 2, 196)[:, :, 0].reshape(-1, 588)
+        np.testing.assert_allclose(row["patches"][start:start + len(pv)], pv, atol=1e-5, rtol=0)
+        start += len(pv)

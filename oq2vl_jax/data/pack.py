@@ -284,15 +284,18 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
         return enc, gh * gw // vcfg.spatial_merge_size**2
 
     if cfg.mode == "qwen2vl_caption":
-        raw, err = readers.read_tar(path)
-        for key, files in raw:
+        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
+        while True:
+            try:
+                key, files = next(tar)
+            except StopIteration as stop:
+                return stop.value
             try:
                 image, caption = readers.caption_from_files(files)
                 enc, n = prepared(image)
                 yield key, _fit(cfg, b, b.caption(caption, n)), [enc]
             except SampleError as e:
                 yield key, e
-        return err
     raw, err = readers.read_json_records(path)
     root = cfg.image_root or os.path.dirname(os.path.abspath(path))
     for key, entry in raw:
