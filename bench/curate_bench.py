@@ -100,7 +100,7 @@ def bench_mlm(args, mlm_cfg) -> dict:
     return {"bench": "mlm_filter_score", "size": args.size, "devices": n_dev, "device": str(jax.devices()[0]),
             "batch": batch, "prompt_tokens": len(todo[0].ids), "prompt_text_length": how,
             "samples": args.samples, "seconds": round(dt, 3),
-            "samples_per_s_per_device": round(args.samples / dt / n_dev, 2)}
+            "samples_per_s_per_device": round(args.samples / dt / n_dev, 4)}
 
 
 def bench_siglip(args, pair_cfg) -> dict:

@@ -35,9 +35,10 @@ def checkpoint_dir(run_dir: str) -> str:
 
 def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int | None = None,
                  async_save: bool = True, read_only: bool = False,
-                 save_concurrent_gb: int | None = None) -> ocp.CheckpointManager:
+                 save_concurrent_gb: int | None = None, on_finalized=None) -> ocp.CheckpointManager:
     """`save_concurrent_gb` bounds the params bytes Orbax serialises at once (its default, 96 GB, lets
-    a host-memory save hold a copy of everything in flight); only for managers that save params alone."""
+    a host-memory save hold a copy of everything in flight); only for managers that save params alone.
+    `on_finalized()` runs on the primary host after an async save's files are final, before the rename."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep_last or None,
         keep_period=None if read_only else keep_every or None,
@@ -47,6 +48,8 @@ def make_manager(run_dir: str, *, keep_last: int | None = None, keep_every: int 
         read_only=read_only,
         # A save killed mid-way leaves STEP.orbax-checkpoint-tmp-*: never resumed from, but tens of GB.
         cleanup_tmp_directories=not read_only,
+        async_options=(ocp.AsyncOptions(post_finalization_callback=on_finalized)
+                       if on_finalized is not None and async_save else None),
     )
     handlers = None
     if save_concurrent_gb is not None:
@@ -117,6 +120,9 @@ def load_params(run_dir: str, abstract_params: Mapping, step: int | None = None)
     elif step not in mngr.all_steps():
         raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir(run_dir)} "
                                 f"(have {sorted(mngr.all_steps())})")
+    from oq2vl_jax import integrity
+
+    integrity.verify(os.path.join(checkpoint_dir(run_dir), str(step)))  # a damaged file named first
     check_saved_params(run_dir, step, abstract_params)
     params = restore(mngr, step, params=abstract_params)[PARAMS]
     mngr.close()

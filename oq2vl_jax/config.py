@@ -42,6 +42,16 @@ class DataConfig:
     # "uint8": workers hand over raw pixels and the model normalises them on the device (4x less to
     # copy between processes and to the GPU); "float32": normalised to [-1, 1] in the workers.
     image_dtype: Literal["float32", "uint8"] = "float32"
+    # unpacked_sft batch order: "shuffle" (uniform) or "modality_length" (the original's
+    # SplitModalitySampler: each global batch one modality, rows grouped by length per data shard).
+    sampler: Literal["shuffle", "modality_length"] = "shuffle"
+    # Pack-time fidelity switches (the same as pack's flags; README "Fidelity"). Defaults are the
+    # corrected behaviour; the other values reproduce the original.
+    image_strategy: Literal["squash", "letterbox", "resize-crop"] = "squash"
+    alpha: Literal["white", "drop"] = "white"
+    pre_squash: Literal["none", "lanczos"] = "none"
+    pad_as_target: bool = False
+    original_image_offset: bool = False
     # model.arch qwen2_vl: patches per row's patch row (0 = 4 * seq_len, room for any row; pack with
     # --max-patches to use less).
     max_patches: int = 0
@@ -50,6 +60,8 @@ class DataConfig:
         if (self.global_batch_size < 1 or (self.seq_len is not None and self.seq_len < 2)
                 or (self.max_images is not None and self.max_images < 0)):
             raise ValueError("global_batch_size >= 1, seq_len >= 2 and max_images >= 0 are required")
+        if self.sampler == "modality_length" and self.mode != "unpacked_sft":
+            raise ValueError("sampler: modality_length orders unpacked SFT rows; it needs mode: unpacked_sft")
         if self.max_patches < 0 or self.max_patches % 4:
             raise ValueError(f"data.max_patches={self.max_patches} must be a multiple of 4 (0 = 4 * seq_len)")
 
@@ -59,7 +71,7 @@ class PackSettings:
     """How `python -m oq2vl_jax.data.pack` builds rows; seq_len, image_tokens, image size, max_images
     and the tokenizer come from the data/model sections and `tokenizer`, as training reads them."""
 
-    mode: Literal["caption", "sft", "text", "qwen2vl_caption", "qwen2vl_sft"] = "caption"
+    mode: Literal["caption", "sft", "text", "interleaved", "qwen2vl_caption", "qwen2vl_sft"] = "caption"
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 95
     max_samples_per_row: int | None = None  # bounds segments for the cuDNN packed layout
@@ -70,11 +82,14 @@ class PackSettings:
     truncate: bool = False  # cut over-long samples to the row (as the original) instead of skipping
     window: int = 1  # input shards packed together
     workers: int = 1
+    # FFD packs at most this many samples at a time: bounds memory for one huge input file (a
+    # 10M-conversation SFT json); a shard under it is packed whole, as the original.
+    max_samples_in_memory: int = 50_000
 
     def __post_init__(self):
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        low = [f"{n} >= 1" for n in ("window", "workers") if getattr(self, n) < 1]
+        low = [f"{n} >= 1" for n in ("window", "workers", "max_samples_in_memory") if getattr(self, n) < 1]
         if self.max_samples_per_row is not None and self.max_samples_per_row < 1:
             low.append("max_samples_per_row >= 1")
         if low:

@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oq2vl_jax.images import normalize, squash
+from oq2vl_jax import preflight
+from oq2vl_jax.cli import UserError
+from oq2vl_jax.images import normalize
 from oq2vl_jax.models.cache import KVCache
 from oq2vl_jax.treepaths import dotted
 
@@ -279,19 +281,20 @@ class Generator:
 # Prompts, images, tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def load_image(image, size: int) -> np.ndarray:
-    """Inference preprocessing ("resize-naive", docs/original_system.md §1): RGB, PIL bicubic squash to size x size,
-    (x/255 - 0.5)/0.5. Accepts a path, a PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
+def load_image(image, size: int, strategy: str = "squash", alpha: str = "white") -> np.ndarray:
+    """Inference preprocessing, the packer's (data/transforms.py; default "resize-naive", docs/original_system.md §1): RGB
+    (transparency on white), PIL bicubic squash to size x size, (x/255 - 0.5)/0.5. Accepts a path, a
+    PIL image or an HWC uint8 array; returns float32 [S, S, 3]."""
     from PIL import Image
+
+    from oq2vl_jax.data.transforms import to_square
 
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
-            im = im.convert("RGB")
-    elif isinstance(image, np.ndarray):
-        im = Image.fromarray(image).convert("RGB")
-    else:
-        im = image.convert("RGB")
-    return normalize(np.asarray(squash(im, size)))
+            return normalize(np.asarray(to_square(im, size, strategy, alpha)))
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return normalize(np.asarray(to_square(image, size, strategy, alpha)))
 
 
 def _with_image_tags(prompt: str, n_images: int) -> str:
@@ -447,6 +450,10 @@ def load_checkpoint(run_dir: str, step: int | None = None, *, dtype: str | None 
     return nnx.merge(graphdef, abstract), cfg, step
 
 
+class BadRequest(UserError, ValueError):
+    """A request or shots file line that cannot be used (named by path:line; exit 2 from the CLI)."""
+
+
 def _read_jsonl(path: str, parse) -> list:
     """parse(record) of every non-blank line; a bad line is an error naming path:line."""
     out = []
@@ -457,11 +464,11 @@ def _read_jsonl(path: str, parse) -> list:
             try:
                 out.append(parse(json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e.msg} (column {e.colno})") from None
+                raise BadRequest(f"{path}:{n}: not JSON: {e.msg} (column {e.colno})") from None
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+                raise BadRequest(f"{path}:{n}: {e}") from None
     if not out:
-        raise ValueError(f"{path} has no records")
+        raise BadRequest(f"{path} has no records")
     return out
 
 
@@ -491,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(p, args) -> int:
+    preflight.check_generate_args(args)
     fmt = args.format or ("fewshot" if args.shots else "caption")
     if (fmt == "fewshot") != bool(args.shots):
         p.error("--shots goes with --format fewshot (and fewshot needs --shots)")
@@ -498,24 +506,27 @@ def _main(p, args) -> int:
         p.error("--image goes with --prompt; put images in the --input records")
     requests = _read_jsonl(args.input, _request) if args.input else [{"prompt": args.prompt, "images": args.image}]
     shots = _read_jsonl(args.shots, _shot) if args.shots else []
+    preflight.check_images([im for r in requests for im in r["images"]] + [s["image"] for s in shots])
 
+    from oq2vl_jax import checkpoint
     from oq2vl_jax.data.tokenizer import load_tokenizer
 
-    t0 = time.perf_counter()
-    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
-    tok_path = args.tokenizer or cfg.tokenizer
+    tok_path = args.tokenizer or checkpoint.resolve_checkpoint_config(args.checkpoint).tokenizer
     if not tok_path:
         p.error(f"{args.checkpoint}/config.yaml names no tokenizer; pass --tokenizer")
-    qwen2_vl = cfg.model.arch == "qwen2_vl"
+    run_cfg = checkpoint.resolve_checkpoint_config(args.checkpoint)
+    qwen2_vl = run_cfg.model.arch == "qwen2_vl"
     if qwen2_vl:  # Qwen2-VL: its own tokenizer, images at their own resolution, M-RoPE
         from oq2vl_jax import generate_qwen2_vl
         from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer
 
         if fmt not in generate_qwen2_vl.FORMATS:
             p.error(f"--format {fmt} is not one of {generate_qwen2_vl.FORMATS} for a Qwen2-VL model")
-        tokenizer = load_qwen2_vl_tokenizer(tok_path)
+        tokenizer = load_qwen2_vl_tokenizer(tok_path)  # a broken folder is named before the model loads
     else:
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path)  # a broken folder is named before the model loads
+    t0 = time.perf_counter()
+    model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
     print(f"loaded {args.checkpoint} step {step} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0]}",
           file=sys.stderr)
     stats = Stats()

@@ -8,13 +8,16 @@ import os
 
 from tqdm import tqdm
 
+from oq2vl_jax import failures
+
 
 class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
 
@@ -32,8 +35,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{prefix + k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        with failures.writing(self.path):  # a full disk: one line naming this file
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -46,7 +50,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.jsonl.close()
+            with failures.writing(self.path):
+                self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -66,3 +71,40 @@ def _fmt(v) -> str:
             return f"{v:.3e}"
         return f"{v:.4f}"
     return str(v)
+
+
+def clean_for_resume(workdir: str, step: int) -> str | None:
+    """Leaves WORKDIR/metrics.jsonl as one series up to `step` (the restored checkpoint's step).
+
+    Drops a partial (unparseable) line, e.g. one cut off by a full disk or a kill, and every record
+    after `step`, which the resumed run logs again. When anything is dropped, the file as it was is
+    kept as metrics.jsonl.before-resume-<step>[-n]; returns that path (None if nothing changed)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):  # absent, or not a regular file (a pipe or device: left alone)
+        return None
+    with open(path, "rb") as f:
+        raw = f.read()
+    kept, dropped = [], 0
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line + b"\n")
+        else:
+            dropped += 1
+    if not dropped and (not raw or raw.endswith(b"\n")):
+        return None
+    aside = f"{path}.before-resume-{step}"
+    n = 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.before-resume-{step}-{n}", n + 1
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(kept)
+    os.replace(path, aside)
+    os.replace(path + ".tmp", path)
+    return aside

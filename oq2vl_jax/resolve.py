@@ -128,7 +128,10 @@ def for_pack(cfg: Config, out: str):
             image_size=cfg.model.vision.image_size,
             image_format=p.image_format, jpeg_quality=p.jpeg_quality, max_images=cfg.data.max_images,
             max_samples=p.max_samples_per_row, sft_template=p.sft_template, image_root=p.image_root,
-            packing=p.packing, text_key=p.text_key, truncate=p.truncate)
+            packing=p.packing, text_key=p.text_key, truncate=p.truncate,
+            max_samples_in_memory=p.max_samples_in_memory, image_strategy=cfg.data.image_strategy,
+            alpha=cfg.data.alpha, pre_squash=cfg.data.pre_squash, pad_as_target=cfg.data.pad_as_target,
+            original_image_offset=cfg.data.original_image_offset)
     except ValueError as e:
         raise ConfigError(f"pack: {e}") from None
 
@@ -298,6 +301,8 @@ def check_qwen2_vl_source(stats: dict, path: str, *, seq_len: int, max_images: i
 
 
 def _check_sources(cfg: Config, stats: dict[str, dict]) -> None:
+    from oq2vl_jax.data.loader import PACK_SWITCHES, check_pack_switches
+
     m = cfg.model
     for path, st in stats.items():
         try:
@@ -310,6 +315,7 @@ def _check_sources(cfg: Config, stats: dict[str, dict]) -> None:
             check_source(st, path, seq_len=cfg.data.seq_len, image_size=cfg.model.vision.image_size,
                          max_images=cfg.data.max_images, image_tokens=cfg.model.image_tokens,
                          unpacked=cfg.data.mode == "unpacked_sft")
+            check_pack_switches([path], {k: getattr(cfg.data, k) for k in PACK_SWITCHES})
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

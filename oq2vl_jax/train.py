@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from oq2vl_jax import checkpoint as ckpt
-from oq2vl_jax import cli, memory, resolve
+from oq2vl_jax import cli, failures, integrity, locks, memory, resolve
 from oq2vl_jax.config import Config, ConfigError
 from oq2vl_jax.flops import peak_flops_per_device, train_step_flops
-from oq2vl_jax.metrics import MetricsLogger
+from oq2vl_jax.metrics import MetricsLogger, clean_for_resume
 from oq2vl_jax.models import build_abstract, build_sharded, flat_params
 from oq2vl_jax.sharding import make_mesh, use_mesh
 from oq2vl_jax.train_step import (MODEL_KEYS, all_params, batch_shardings, make_steps, optimizer, split_params,
@@ -66,7 +66,7 @@ def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
         sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
         max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
         num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode, image_dtype=cfg.data.image_dtype,
-        image_tokens=cfg.model.image_tokens,
+        image_tokens=cfg.model.image_tokens, sampler=cfg.data.sampler, group_rows=cfg.train.loss_group_rows,
         qwen2_vl=cfg.model.qwen2_vl_vision if qwen2_vl else None,
         max_patches=(cfg.data.max_patches or 4 * cfg.data.seq_len) if qwen2_vl else 0,
         image_token_id=cfg.model.image_token_id,
@@ -125,8 +125,11 @@ class Trainer:
         self.eval_step = self._in_mesh(jax.jit(eval_step, in_shardings=(self.shardings, None), out_shardings=rep))
         self._compiled_step = None
         self._batch_shardings = None
+        self.manifests = integrity.Manifests(ckpt.checkpoint_dir(workdir), cfg.train.async_checkpointing,
+                                             jax.process_index() == 0)
         self.mngr = ckpt.make_manager(workdir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
-                                      async_save=cfg.train.async_checkpointing)
+                                      async_save=cfg.train.async_checkpointing,
+                                      on_finalized=self.manifests.on_finalized)
 
     def _in_mesh(self, jitted):
         """Calls (and so traces) a jitted step inside the mesh, where the model's activation
@@ -163,7 +166,7 @@ class Trainer:
 
     def initial_state(self, data_iter) -> tuple[dict, int]:
         """(state, step): the latest checkpoint in the workdir, else init_from, else random."""
-        step = self.mngr.latest_step()
+        step = integrity.resume_step(self.mngr, self.workdir)  # damaged/incomplete newer steps moved aside
         if step is not None:
             from oq2vl_jax.data.loader import DataStateMismatch
 
@@ -188,8 +191,10 @@ class Trainer:
 
     def save(self, state: dict, step: int, data_iter) -> None:
         meta = {"step": step, "seed": self.cfg.train.seed}
+        self.manifests.before_save(step)
         ckpt.save(self.mngr, step, params=all_params(state), opt_state=state["opt_state"], meta=meta,
                   data_iter=data_iter)
+        self.manifests.after_save(step)
 
     # ----- data ------------------------------------------------------------------------------------
     def train_iterator(self):
@@ -286,30 +291,46 @@ class StepLog:
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM: finish the step in flight, save, exit (the returned dict's "signal" is set)."""
+    """SIGTERM or Ctrl-C (SIGINT): finish the step in flight, save, exit (the returned dict's "signal"
+    is set). A second Ctrl-C stops at once, without the save."""
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
+        if signum == signal.SIGINT and stop["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
         stop["signal"] = signum
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    previous_int = signal.signal(signal.SIGINT, on_signal)
     try:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
-    """Trains to cfg.train.steps (or until SIGTERM, or for `stop_at` more steps in a time-boxed job:
-    saves and returns there, the schedule unchanged); returns the last logged metrics."""
+    """Trains to cfg.train.steps (or until SIGTERM/SIGINT, or for `stop_at` more steps in a time-boxed
+    job: saves and returns there, the schedule unchanged); returns the last logged metrics.
+    The workdir is locked for the run: a second trainer on it is refused, naming this one."""
+    with failures.writing(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        with locks.hold(workdir, "a training run") if jax.process_index() == 0 else contextlib.nullcontext():
+            return _run(cfg, workdir, stop_at)
+
+
+def _run(cfg: Config, workdir: str, stop_at: int | None) -> dict:
     cfg = resolve.for_train(cfg, jax.process_count(), jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(cfg, workdir)
     t, profile = cfg.train, cfg.train.profile_steps
     tracing = False
     with use_mesh(trainer.mesh), stop_signals() as stop, memory.named_oom(cfg):
         data_iter = trainer.train_iterator()
         state, step = trainer.initial_state(data_iter)
+        if jax.process_index() == 0:  # one clean series: a cut-off line and records after `step` go
+            aside = clean_for_resume(workdir, step)
+            if aside:
+                log.warning("metrics.jsonl trimmed to step %d for the resume; the previous file is %s", step, aside)
         if jax.process_index() == 0:  # only now: a refused resume keeps the config its checkpoints had
             ckpt.save_config(workdir, cfg)
         start_step = step
@@ -344,8 +365,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                 if evaluate:
                     logger.log(step, trainer.evaluate(state), prefix="eval_")
                 if halt:
-                    log.warning("stopping at step %d (%s), checkpoint saved", step,
-                                "SIGTERM" if by_signal else "--stop-at")
+                    why = signal.Signals(stop["signal"]).name if stop["signal"] else "another host's signal"
+                    log.warning("stopping at step %d (%s), checkpoint saved", step, why if by_signal else "--stop-at")
                     break
         finally:
             if tracing:

@@ -1,6 +1,7 @@
 """Every shipped config loads, validates and builds its model abstractly."""
 
 import dataclasses
+import functools
 import glob
 import os
 
@@ -12,6 +13,13 @@ from oq2vl_jax.models import build_abstract, count_params
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 
+@functools.lru_cache(maxsize=None)
+def _built_params(model_cfg) -> int:
+    # Configs with the same model section (sft, paper_sft, large_sft) build it once (~40 s each).
+    _, state = build_abstract(model_cfg)
+    return count_params(state)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_loads_and_builds(path):
     cfg = load_config(path)
@@ -19,8 +27,7 @@ def test_config_loads_and_builds(path):
     # What the tokenizer would give (these configs leave it to be derived).
     model = dataclasses.replace(cfg.model, image_token_id=cfg.model.image_token_id or 0,
                                 text=dataclasses.replace(cfg.model.text, vocab_size=cfg.model.text.vocab_size or 512))
-    _, state = build_abstract(model)
-    n = count_params(state)
+    n = _built_params(model)
     if cfg.model.arch == "qwen2_vl" and cfg.model.text.hidden_size == 1536:  # Qwen2-VL-2B, counted by HF
         assert n == _hf_qwen2_vl_2b_params()
     elif cfg.model.text.hidden_size == 1536:  # the full-size configs: Qwen2.5-1.5B + so400m + projector
@@ -87,3 +94,25 @@ def test_epochs_set_steps_from_the_packed_row_count(tmp_path):
         resolve_steps(load_config(pretrain, ["data.sources=[{path: nowhere}]"]))
     with pytest.raises(ConfigError, match="exactly one data source"):
         resolve_steps(load_config(pretrain, ["data.sources=[{path: a}, {path: b}]"]))
+
+
+def _llm_params(t) -> int:
+    """Qwen2 parameter count from its config (tied head): embedding, layers, final norm."""
+    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    layer = (t.hidden_size * (t.hidden_size + 2 * kv) + t.hidden_size + 2 * kv  # q, k, v with biases
+             + t.hidden_size * t.hidden_size + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+    return t.vocab_size * t.hidden_size + t.num_hidden_layers * layer + t.hidden_size
+
+
+def test_mix_follows_the_second_paper():
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "mix.yaml"))
+    assert _llm_params(cfg.model.text) == 1_543_714_304  # Qwen2.5-1.5B, as the full-size build counts
+    tokens = cfg.train.steps * cfg.data.global_batch_size * cfg.data.seq_len
+    per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    assert 0 <= tokens - 20 * _llm_params(cfg.model.text) < per_step  # 20 tokens per parameter
+    assert cfg.optim.schedule_offset == 0 and cfg.optim.warmup_ratio > 0  # re-warm a finished LLM
+    proj = [m for r, m in cfg.optim.lr_multipliers if r.startswith("^multi_modal_projector")]
+    assert proj and cfg.optim.lr * proj[0] >= 1e-4  # a random projector that trains
+    assert not any(f.startswith("^multi_modal_projector") for f in cfg.optim.freeze)
+    weights = {s.path.rsplit("/", 1)[1]: s.weight for s in cfg.data.sources}
+    assert weights["caption"] / sum(weights.values()) == pytest.approx(0.1)

@@ -64,7 +64,7 @@ def _run(*args) -> int:
 def _kept_uids(out: str) -> list[str]:
     uids = []
     for path in readers.resolve_inputs([os.path.join(out, "shards", "*.tar")]):
-        for _, files in readers.read_tar(path)[0]:
+        for _, files in readers.iter_tar(path):
             uids.append(curate_score._uid(files))
     return uids
 
@@ -199,7 +199,7 @@ def test_resume_after_a_kill_reuses_finished_shards_and_matches_an_uninterrupted
     args = ["--input", pattern, "--samples-per-shard", "5", "--dedup"]
     assert _run(*args, "--out", ref) == 0
 
-    real_read = readers.read_tar
+    real_read = readers.iter_tar
     calls = []
 
     def killed_on_third(path):
@@ -208,9 +208,9 @@ def test_resume_after_a_kill_reuses_finished_shards_and_matches_an_uninterrupted
             raise KeyboardInterrupt
         return real_read(path)
 
-    monkeypatch.setattr(readers, "read_tar", killed_on_third)
+    monkeypatch.setattr(readers, "iter_tar", killed_on_third)
     assert _run(*args, "--out", out) == 130
-    monkeypatch.setattr(readers, "read_tar", real_read)
+    monkeypatch.setattr(readers, "iter_tar", real_read)
     done = {f: os.stat(os.path.join(out, "scores", f)).st_mtime_ns for f in ("00000.parquet", "00001.parquet")}
     assert not os.path.exists(os.path.join(out, "scores", "00002.json"))
     assert _run(*args, "--out", out) == 0

@@ -184,7 +184,7 @@ def test_deterministic_rerun_skips_done_and_workers_match(demo, tmp_path):
     logs.clear()
     s3 = pack.run(_cfg(demo, tmp_path / "a", image_format="png"), shards[:1], log=logs.append)
     assert "00000: packed" in logs[0] and s3["image_format"] == "png"
-    assert sum(m.startswith("removed 0000") for m in logs) == 4  # rows + stats of 00001 and 00002
+    assert sum(m.startswith("removed 0000") for m in logs) == 6  # rows, stats, row lengths of 00001, 00002
     assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".array_record")) == ["00000.array_record"]
 
 
@@ -258,6 +258,11 @@ def test_odd_json_and_image_fields_are_skipped_not_crashes(demo, tmp_path):
            {"conversations": conv("What? \ud83d")}]
     (tmp_path / "s.json").write_text(json.dumps(sft))
     st = pack.run(_cfg(demo, tmp_path / "s", mode="sft"), [str(tmp_path / "s.json")], log=lambda m: None)
+    # A .json list is parsed incrementally (ijson's C parser), which reads a lone surrogate escape as
+    # "?": that conversation is packed; in .jsonl (json.loads per line) it is skipped as bad_utf8.
+    assert st["samples_packed"] == 2 and st["skipped"] == {"bad_image_field": 3}
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(x) for x in sft))
+    st = pack.run(_cfg(demo, tmp_path / "sl", mode="sft"), [str(tmp_path / "s.jsonl")], log=lambda m: None)
     assert st["samples_packed"] == 1 and st["skipped"] == {"bad_image_field": 3, "bad_utf8": 1}
 
 
@@ -334,7 +339,8 @@ def test_rerun_never_trusts_damaged_or_stale_markers(demo, tmp_path, monkeypatch
         resolve_source(str(out))
     logs.clear()
     pack.run(_cfg(demo, out), shards, log=logs.append)
-    assert "00000: packed" in logs[0] and rows_file.read_bytes() == good
+    assert logs[0] == "removed 00000.stats.json.tmp: left by an interrupted run"  # the killed run's temp file
+    assert "00000: packed" in logs[1] and rows_file.read_bytes() == good
     assert len(resolve_source(str(out))) == 2
 
 
@@ -408,3 +414,29 @@ def test_rerun_that_reuses_everything_keeps_the_folder_readable(demo, tmp_path, 
     seen.clear()
     pack.run(_cfg(demo, out, image_format="png"), shards, log=lambda m: None)
     assert seen == [2, "refused"]
+
+
+def test_tar_cut_at_a_member_boundary_is_a_bad_shard(tmp_path):
+    """Stream mode reads a tar cut between members (or inside a header) as a short, whole archive;
+    without its end-of-archive blocks it is reported as a bad shard, with the samples before the cut."""
+    import io
+    import tarfile
+
+    from oq2vl_jax.data.readers import iter_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(3):
+            ti = tarfile.TarInfo(f"{i:05d}.txt")
+            ti.size = 700
+            tf.addfile(ti, io.BytesIO(b"x" * 700))
+    raw = buf.getvalue()
+    for cut, whole in ((len(raw), 3), (2 * (512 + 1024), 2), (2 * (512 + 1024) + 100, 2)):
+        (tmp_path / "s.tar").write_bytes(raw[:cut])
+        it, got = iter_tar(str(tmp_path / "s.tar")), []
+        try:
+            while True:
+                got.append(next(it))
+        except StopIteration as stop:
+            error = stop.value
+        assert len(got) == whole and (error is None) == (cut == len(raw)), (cut, error)

@@ -136,16 +136,19 @@ def test_cli_rejects_mismatched_images(run, capsys):
     ('{"prompt": "a",}', r"req.jsonl:3: not JSON"),
     ('["a"]', r"req.jsonl:3: a request is"),
 ])
-def test_cli_names_the_bad_request_line(tmp_path, line, match):
+def test_cli_names_the_bad_request_line(tmp_path, capsys, line, match):
     # Checked before the model loads: a wrong key must not turn into a confident text-only answer.
+    import re
+
     path = tmp_path / "req.jsonl"
     path.write_text('{"prompt": "ok"}\n\n' + line + "\n")
-    with pytest.raises(ValueError, match=match):
-        main(["--checkpoint", str(tmp_path / "no-such-run"), "--input", str(path)])
+    assert main(["--checkpoint", str(tmp_path / "no-such-run"), "--input", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and len(err.strip().splitlines()) == 1, err
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"image": "a.png", "question": "q"}\n')
-    with pytest.raises(ValueError, match=r"shots.jsonl:1: a shot is"):
-        main(["--checkpoint", str(tmp_path / "no-such-run"), "--prompt", "q", "--shots", str(shots)])
+    assert main(["--checkpoint", str(tmp_path / "no-such-run"), "--prompt", "q", "--shots", str(shots)]) == 2
+    assert re.search(r"shots.jsonl:1: a shot is", capsys.readouterr().err)
 
 
 def test_loading_a_checkpoint_logs_no_warnings(run, caplog):

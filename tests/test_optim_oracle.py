@@ -10,11 +10,10 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from hf_tiny import our_config
-from oq2vl_jax.checkpoint import flatten
 from oq2vl_jax.config import Config, OptimConfig, TrainConfig
 from oq2vl_jax.models import build_abstract, flat_params
-from oq2vl_jax.optim import path_str
 from oq2vl_jax.train_step import optimizer, split_params
+from oq2vl_jax.treepaths import dotted, flatten
 
 RUN_STEPS, CLIP = 5, 1.0
 # Gradient norms per step: only the third step is above CLIP, and by far, so whether it is clipped
@@ -41,7 +40,7 @@ def _gradients(params: dict, seed: int = 0) -> list[dict]:
 
 
 def _torch_run(params: dict, grads: list[dict]) -> list[dict]:
-    names = {p: path_str(p) for p in params}
+    names = {p: dotted(p) for p in params}
     tp = {p: torch.nn.Parameter(torch.from_numpy(np.array(v))) for p, v in params.items()}
     groups = [{"params": [tp[p] for p in params if not _no_decay(names[p])], "weight_decay": OPTIM.weight_decay},
               {"params": [tp[p] for p in params if _no_decay(names[p])], "weight_decay": 0.0}]
@@ -92,7 +91,7 @@ def test_optimizer_steps_equal_torch_adamw_clip_grad_norm_and_cosine_schedule():
     ours, ref = _our_run(cfg, trainable, grads), _torch_run(start, grads)
     for step, (o, r) in enumerate(zip(ours, ref)):
         for p in start:
-            np.testing.assert_allclose(o[p], r[p], atol=1e-6, rtol=0, err_msg=f"step {step}: {path_str(p)}")
+            np.testing.assert_allclose(o[p], r[p], atol=1e-6, rtol=0, err_msg=f"step {step}: {dotted(p)}")
     # The steps moved every parameter by far more than the tolerance (lr 0 at the first step).
     moved = [max(float(np.abs(r[p] - start[p]).max()) for p in start) for r in ref]
     assert moved[0] == 0 and min(moved[1:]) > 1e-3

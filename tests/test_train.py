@@ -369,3 +369,5 @@ def test_packed_data_that_disagree_with_the_config_are_a_config_error(demo, tmp_
     assert "repack with model.image_tokens=16" in capsys.readouterr().err
     assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.mode=unpacked_sft"]) == 2
     assert "mode='unpacked_sft' needs rows packed with pack.packing=none" in capsys.readouterr().err
+    assert main(["--config", TINY, "--workdir", str(tmp_path), "--set", *ok, "data.alpha=drop"]) == 2
+    assert "alpha: packed 'white', config 'drop'" in capsys.readouterr().err

@@ -12,11 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
-from oq2vl_jax.checkpoint import flatten
 from oq2vl_jax.config import Config, OptimConfig, TrainConfig
 from oq2vl_jax.models import flat_params
 from oq2vl_jax.models.weights import ours_to_hf
 from oq2vl_jax.train_step import make_steps, optimizer, split_params
+from oq2vl_jax.treepaths import flatten
 from torch_vlm import TorchVLM, caption_sample, pack_row
 
 IMAGE_SIZE, SIDE, SLOTS, ROW_LEN = 56, 2, 3, 40  # 4x4 patches pooled to 2x2 image tokens

@@ -10,7 +10,7 @@ one selector (--keep-uids, --min, --siglip-min; none given = all), and with --de
 repeat (decoded pixels, then uid) of an earlier kept sample.
 
 Three passes:
-  1. score: each input shard is read (data/readers.read_tar), every sample's uid, caption and decoded
+  1. score: each input shard is streamed (data/readers.iter_tar), every sample's uid, caption and decoded
      image checked, its pixel hash and the requested scores computed, and one table written to
      DIR/scores/<shard>.parquet with its marker DIR/scores/<shard>.json (written last). A re-run
      reuses every shard whose marker matches the scorers and the input file; thresholds, uid lists
@@ -32,6 +32,7 @@ readable part is curated; a re-run retries them). Pack the result with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,10 +43,10 @@ import time
 
 import numpy as np
 
-from oq2vl_jax import cli
+from oq2vl_jax import cli, failures, locks
 from oq2vl_jax.data import readers
-from oq2vl_jax.data.curate_score import (SCORES_VERSION, TABLE_COLUMNS, Scorers, _arrow_type, _marker_ok,
-                                         _write_json, score_unit)
+from oq2vl_jax.data.curate_score import (SCORES_VERSION, TABLE_COLUMNS, Scorers, TarSamples, _arrow_type,
+                                         _marker_ok, _write_json, score_unit)
 from oq2vl_jax.data.curate_select import REASONS, U128, Columns, Selection, decide, load_uid_list
 from oq2vl_jax.data.pack import _input_signature, make_units
 
@@ -118,9 +119,7 @@ def write_shard(cfg: CurateConfig, j: int, rows: list[tuple[str, int, str]], cac
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME)
         for shard, index, key in rows:
-            if cache.get("path") != shard:  # consecutive output shards mostly share input shards
-                cache.update(path=shard, samples=readers.read_tar(shard)[0])
-            got_key, files = cache["samples"][index]
+            got_key, files = _sample_at(cache, shard, index)
             if got_key != key:
                 raise RuntimeError(f"{shard} changed since it was scored: sample {index} is {got_key!r}, not {key!r}")
             writer.write({"__key__": key, **files})
@@ -128,6 +127,18 @@ def write_shard(cfg: CurateConfig, j: int, rows: list[tuple[str, int, str]], cac
     os.replace(tmp, tar_path)
     _write_json(marker, {"samples_sha256": digest, "count": len(rows), "bytes": os.path.getsize(tar_path)})
     return True
+
+
+def _sample_at(cache: dict, shard: str, index: int):
+    """Sample `index` of `shard`, read forward from where the last call stopped: the rows of a
+    process's output shards come in input order, so each input shard is mostly streamed once."""
+    if cache.get("path") != shard or cache["next"] > index:
+        cache.update(path=shard, samples=iter(TarSamples(shard)), next=0)
+    for sample in cache["samples"]:
+        cache["next"] += 1
+        if cache["next"] - 1 == index:
+            return sample
+    raise RuntimeError(f"{shard} changed since it was scored: it has no sample {index}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +224,15 @@ def _score_summary(cols: Columns, mlm_column: str) -> dict:
 
 
 def run(cfg: CurateConfig, inputs: list[str]) -> dict:
-    """Curates `inputs` (resolved shard paths) into cfg.out; returns (and writes) DIR/stats.json."""
+    """Curates `inputs` (resolved shard paths) into cfg.out; returns (and writes) DIR/stats.json.
+    OUT is locked by process 0 meanwhile: a second curate run into it is refused, naming this one."""
+    with failures.writing(cfg.out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with locks.hold(cfg.out, "a curate run") if _process()[0] == 0 else contextlib.nullcontext():
+            return _run(cfg, inputs)
+
+
+def _run(cfg: CurateConfig, inputs: list[str]) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -348,6 +367,8 @@ def main(argv=None) -> int:
     g.add_argument("--drop-uids", action="append", default=[], metavar="FILE", help="uids never kept; repeatable")
     g.add_argument("--dedup", action="store_true", help="drop exact repeats of an earlier kept sample (pixels, uid)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--allow-missing", action="store_true",
+                   help="curate the shards a brace pattern names that exist, even if some are missing")
     args = p.parse_args(argv)
 
     def body():
@@ -362,7 +383,7 @@ def main(argv=None) -> int:
         for flag, path in (("--mlm-filter", cfg.mlm_filter), ("--siglip-score", cfg.siglip), ("--scores", cfg.scores)):
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path!r} does not exist")
-        run(cfg, readers.resolve_inputs(args.input))
+        run(cfg, readers.resolve_inputs(args.input, args.allow_missing))
 
     return cli.run(body, args)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 from typing import TYPE_CHECKING
@@ -53,6 +54,17 @@ def _decode(data: bytes):
     h = hashlib.blake2b(f"{rgb.width}x{rgb.height}:".encode(), digest_size=16)
     h.update(rgb.tobytes())
     return rgb, h.digest()
+
+
+class TarSamples:
+    """A shard's (key, files) samples, streamed by readers.iter_tar; after the loop, `error` holds the
+    read error that ended it early (None for a whole tar)."""
+
+    def __init__(self, path: str):
+        self.path, self.error = path, None
+
+    def __iter__(self):
+        self.error = yield from readers.iter_tar(self.path)
 
 
 def _inspect(sample: tuple[str, dict[str, bytes]]):
@@ -199,7 +211,8 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
     if os.path.exists(marker):
         os.remove(marker)  # before the table changes, so an old marker never vouches for a new table
 
-    raw, error = readers.read_tar(path)
+    tar = TarSamples(path)
+    samples = iter(tar)
     score_cols = scorers.columns()
     cols = {c: [] for c in TABLE_COLUMNS + score_cols}
     pending = []  # (row, image, caption) of readable samples not scored yet
@@ -214,10 +227,9 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
                 cols[c][row] = v
         pending.clear()
 
-    for start in range(0, len(raw), cfg.chunk):  # decoded images of one chunk at a time in memory
-        inspected = scorers.map(_inspect, raw[start:start + cfg.chunk])
-        for index, (key, files), (status, image, caption, pixel_hash) in zip(
-                range(start, len(raw)), raw[start:start + cfg.chunk], inspected):
+    index = 0
+    while chunk := list(itertools.islice(samples, cfg.chunk)):  # decoded images of one chunk in memory
+        for (key, files), (status, image, caption, pixel_hash) in zip(chunk, scorers.map(_inspect, chunk)):
             uid = _uid(files)
             pair = uid_pair(uid)
             for c, v in (("shard", path), ("index", index), ("key", key), ("uid", uid),
@@ -228,11 +240,12 @@ def score_unit(cfg: CurateConfig, unit, scorers: Scorers) -> dict:
                 cols[c].append(None)
             if status == "ok" and score_cols:
                 pending.append((index, image, caption))
+            index += 1
         if len(pending) >= cfg.chunk:
             flush()
     flush()
     _write_parquet(table_path, cols)
-    done = {**expect, "complete": error is None, "samples": len(raw), "shard_error": error,
+    done = {**expect, "complete": tar.error is None, "samples": index, "shard_error": tar.error,
             "bytes": os.path.getsize(table_path)}
     _write_json(marker, done)
     return {**done, "reused": False}

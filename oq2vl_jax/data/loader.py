@@ -35,9 +35,10 @@ import numpy as np
 
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.data.records import decode_row
-from oq2vl_jax.images import normalize
+from oq2vl_jax.images import normalize, to_rgb8
 
 MODES = ("packed", "unpacked_sft")
+SAMPLERS = ("shuffle", "modality_length")
 
 
 class DataStateMismatch(UserError, ValueError):
@@ -59,6 +60,10 @@ class LoaderConfig:
     worker_buffer_size: int = 2  # batches buffered per worker
     image_dtype: str = "float32"  # "float32" (normalised here) | "uint8" (normalised on the device)
     image_tokens: int | None = None  # the model's tokens per image; checked against the packed data
+    # unpacked_sft only: "modality_length" orders rows as the original's SplitModalitySampler (each
+    # global batch one modality, length-grouped into parts of `group_rows` rows; sampler.py).
+    sampler: str = "shuffle"
+    group_rows: int = 2  # the original's per-GPU batch: the parts rows are length-grouped into
     # Qwen2-VL: its vision config (resize bounds), patches per row and image placeholder id.
     qwen2_vl: object | None = None
     max_patches: int = 0
@@ -69,6 +74,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.image_dtype must be 'float32' or 'uint8', got {self.image_dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"LoaderConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"LoaderConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "modality_length" and self.mode != "unpacked_sft":
+            raise ValueError("sampler='modality_length' orders unpacked SFT rows; it needs mode='unpacked_sft'")
         if not self.sources:
             raise ValueError("LoaderConfig.sources is empty")
         for src in self.sources:
@@ -134,6 +143,25 @@ def _check_source(cfg: LoaderConfig, path: str) -> None:
                  image_tokens=cfg.image_tokens, unpacked=cfg.mode == "unpacked_sft")
 
 
+# Pack-time switches that the data config names too (config.DataConfig); see README "Fidelity".
+PACK_SWITCHES = ("image_strategy", "alpha", "pre_squash", "pad_as_target", "original_image_offset")
+
+
+class PackSettingsMismatch(UserError, ValueError):
+    """Packed data made with other pack-time switches than the data config names."""
+
+
+def check_pack_switches(paths, expected: dict) -> None:
+    """Each packed source was made with the switches of `expected` (read from its stats.json; data
+    packed before a switch existed are not checked for it)."""
+    for path in paths:
+        made = ((pack_stats(path) or {}).get("config") or {}) if os.path.isdir(path) else {}
+        diff = [f"{k}: packed {made[k]!r}, config {v!r}" for k, v in expected.items() if k in made and made[k] != v]
+        if diff:
+            raise PackSettingsMismatch(f"{path} was packed with other switches than data.*: {'; '.join(diff)}; "
+                                       f"repack or set them in the config")
+
+
 def check_sources(cfg: LoaderConfig) -> None:
     """Every source has rows and agrees with the loader settings; for sources read only later (eval),
     so a bad path fails at start-up, not after hours of training."""
@@ -179,7 +207,7 @@ class RowDecoder:
         for i in range(n_img):
             try:
                 with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as im:
-                    px = np.asarray(im.convert("RGB"))
+                    px = np.asarray(to_rgb8(im))
             except Exception:  # noqa: BLE001 (PIL raises many types); the sample is not trained on
                 corrupt += 1
                 loss_mask[row["segment_ids"] == row["image_segment_ids"][i]] = 0
@@ -279,11 +307,50 @@ def _finish(cfg: LoaderConfig, ds, drop_remainder: bool):
     return iter(ds)
 
 
+def row_info(files: list[str]) -> np.ndarray:
+    """int32 [rows, 2] (real tokens, images) of the rows of `files`, in Grain's index order, from the
+    packer's ``.rowinfo.npy`` beside each file."""
+    out = []
+    for f in files:
+        p = f[: -len(".array_record")] + ".rowinfo.npy"
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} is missing: sampler='modality_length' needs the row lengths the "
+                                    f"packer writes beside its rows; repack {os.path.dirname(f)!r}")
+        out.append(np.load(p))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int32)
+
+
+def _modality_length_rows(cfg: LoaderConfig, opened, process_count: int):
+    import sys
+
+    import grain
+
+    from oq2vl_jax.data.sampler import EpochOrder
+
+    if len(opened) != 1:
+        raise ValueError("sampler='modality_length' reads one source (weights would mix its batches)")
+    ((files, ds),) = opened.values()
+    info = row_info(files)
+    if len(info) != len(ds):
+        raise ValueError(f"row lengths beside {files[0]!r} list {len(info)} rows, the files hold {len(ds)}; repack")
+    global_batch = cfg.batch_size * process_count
+    if global_batch % cfg.group_rows:
+        raise ValueError(f"global batch {global_batch} is not a multiple of group_rows={cfg.group_rows}")
+    order = EpochOrder(info[:, 1] > 0, info[:, 0], global_batch, global_batch // cfg.group_rows,
+                       cfg.seed * 1_000_003 % 2**32)
+    return grain.MapDataset.range(sys.maxsize).map(order).map(_Take(ds))
+
+
 def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=None, opened=None):
     """The infinite, mixed, shuffled, decoded (unbatched) ``grain.MapDataset`` of rows."""
     import grain
 
     pi, pc = _process(process_index, process_count)
+    if cfg.sampler == "modality_length":
+        ds = _modality_length_rows(cfg, opened or _open_sources(cfg), pc)
+        if pc > 1:
+            ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
+        return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, True, cfg.image_dtype))
     parts, weights = [], []
     for k, (_, ds) in (opened or _open_sources(cfg)).items():
         if cfg.shuffle:
@@ -310,8 +377,11 @@ def data_layout(cfg: LoaderConfig, process_index: int, process_count: int, opene
         files, ds = opened[k]
         sources.append({"path": path, "weight": float(weight), "files": [os.path.basename(f) for f in files],
                         "rows": len(ds)})
-    return {"batch_size": cfg.batch_size, "process_index": process_index, "process_count": process_count,
-            "seed": cfg.seed, "shuffle": cfg.shuffle, "num_workers": cfg.num_workers, "sources": sources}
+    layout = {"batch_size": cfg.batch_size, "process_index": process_index, "process_count": process_count,
+              "seed": cfg.seed, "shuffle": cfg.shuffle, "num_workers": cfg.num_workers, "sources": sources}
+    if cfg.sampler != "shuffle":  # absent for the default, so states saved before the option still match
+        layout["sampler"] = [cfg.sampler, cfg.group_rows]
+    return layout
 
 
 def _checked_iterator_class():

@@ -1,4 +1,4 @@
-"""Packs captions / SFT conversations / text into fixed-length multimodal rows (ArrayRecord).
+"""Packs captions / SFT conversations / text / interleaved documents into fixed-length multimodal rows (ArrayRecord).
 
     python -m oq2vl_jax.data.pack --input 'shards/{00000..00099}.tar' --tokenizer DIR --out DIR \\
         --mode caption --seq-len 4096 --image-tokens 144 [--workers N]
@@ -11,7 +11,9 @@ and a re-run skips every unit whose marker matches the current settings and inpu
 shard-level read error is not marked complete, so a re-run retries it. ``OUT/stats.json`` sums them all.
 
 Images are stored already squashed to image_size×image_size with PIL bicubic (the tower's own
-"resize-naive" transform, docs/original_system.md §1), so the loader only decodes and normalises.
+"resize-naive" transform, docs/original_system.md §1; --image-strategy letterbox / resize-crop, --alpha
+and --pre-squash select the original's other paths, see transforms.py), so the loader only decodes and
+normalises.
 Default encoding is JPEG quality 95 with 4:4:4 chroma. Measured at 384² on synthetic images (no real
 photos offline): a smooth image 47 kB vs 168 kB as PNG (mean abs error 0.65/255, PSNR 48.7 dB); a
 worst-case image of fine-grained multi-scale noise 190 kB vs 347 kB (error 3.3/255, PSNR 35.7 dB).
@@ -29,6 +31,7 @@ loader's fixed patch rows always fit.
 """
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import hashlib
@@ -40,12 +43,18 @@ import time
 
 import numpy as np
 
+from oq2vl_jax import failures, locks
 from oq2vl_jax.data import readers
 from oq2vl_jax.data.ffd import first_fit_decreasing
-from oq2vl_jax.data.records import assemble_row, encode_row
+from oq2vl_jax.data import transforms
+from oq2vl_jax.data.records import assemble_row, encode_row, fill_slack_as_target
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
-MODES = ("caption", "sft", "text", "qwen2vl_caption", "qwen2vl_sft")
+MODES = ("caption", "sft", "text", "interleaved", "qwen2vl_caption", "qwen2vl_sft")
+# The original's packer drops interleaved documents with 10 or more images.
+MAX_DOC_IMAGES = 9
+# Beside each unit's rows: int32 [rows, 2] = (real tokens, images) per row, in row order.
+ROW_INFO = ".rowinfo.npy"
 STATS_VERSION = 2  # bumped when the record format changes: done shards are redone
 
 
@@ -68,6 +77,15 @@ class PackConfig:
     # Cut samples longer than seq_len to seq_len (the original truncated rows to 4096) instead of
     # skipping them as too_long; an image whose placeholders would be cut is dropped whole.
     truncate: bool = False
+    # Fidelity switches (README "Fidelity"); the defaults are the corrected behaviour.
+    image_strategy: str = "squash"  # squash | letterbox | resize-crop (prismatic's resize strategies)
+    alpha: str = "white"  # white: composite transparency on white; drop: PIL convert("RGB") (original)
+    pre_squash: str = "none"  # lanczos: the original pickle packer's LANCZOS resize first
+    pad_as_target: bool = False  # the pickle path's <|pad|> filling each row's slack, trained on
+    original_image_offset: bool = False  # SFT: drop the token after <image> as tokenizer_image_token
+    # FFD runs over at most this many samples at a time (bounds memory for one huge input file, e.g.
+    # a 10M-conversation SFT json); a shard under it is packed whole, as the original.
+    max_samples_in_memory: int = 50_000
     # Qwen2-VL modes only: the processor's resize bounds and the per-row patch budget.
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
@@ -91,12 +109,18 @@ class PackConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
-                          ("max_samples", 1), ("min_pixels", 1), ("max_pixels", 1), ("max_patches", 4)):
+                          ("max_samples", 1), ("max_samples_in_memory", 1), ("min_pixels", 1), ("max_pixels", 1),
+                          ("max_patches", 4)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be >= {low}, got {v}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        transforms.check(self.image_strategy, self.alpha, self.pre_squash)
+        if self.pad_as_target and self.packing != "ffd":
+            raise ValueError("pad_as_target needs packing='ffd' (the slack is one more segment of the row)")
+        if self.pad_as_target and self.max_samples is not None and self.max_samples < 2:
+            raise ValueError("pad_as_target needs max_samples >= 2 (the slack takes one segment)")
         if self.qwen2vl:
             if self.truncate:
                 raise ValueError("truncate is not supported for the qwen2vl modes")
@@ -173,15 +197,24 @@ _BUILDERS: dict = {}
 
 
 def _builder(cfg: PackConfig) -> SampleBuilder:
-    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.qwen2vl)
+    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset, cfg.pad_as_target,
+           cfg.qwen2vl)
     if key not in _BUILDERS and cfg.qwen2vl:
         from oq2vl_jax.data.qwen2_vl_samples import Qwen2VLSampleBuilder
         from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer
         _BUILDERS[key] = Qwen2VLSampleBuilder(load_qwen2_vl_tokenizer(cfg.tokenizer))
     if key not in _BUILDERS:  # one tokenizer load per worker process
-        from oq2vl_jax.data.tokenizer import load_tokenizer
-        _BUILDERS[key] = SampleBuilder(load_tokenizer(cfg.tokenizer), cfg.image_tokens, cfg.sft_template)
+        from oq2vl_jax.data.tokenizer import add_pkl_pad, load_tokenizer
+        tok = load_tokenizer(cfg.tokenizer)
+        b = SampleBuilder(tok, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset)
+        b.slack_id = add_pkl_pad(tok) if cfg.pad_as_target else None
+        _BUILDERS[key] = b
     return _BUILDERS[key]
+
+
+def _image(cfg: PackConfig, data: bytes) -> bytes:
+    return readers.prepare_image(data, cfg.image_size, cfg.image_format, cfg.jpeg_quality,
+                                 cfg.image_strategy, cfg.alpha, cfg.pre_squash)
 
 
 def _truncate(cfg: PackConfig, tokens: Tokens, image_token_id: int) -> Tokens:
@@ -224,10 +257,11 @@ def _iter_samples(cfg: PackConfig, path: str):
             try:
                 image, caption = readers.caption_from_files(files)
                 tokens = _fit(cfg, b, b.caption(caption))
-                yield key, tokens, [readers.prepare_image(image, cfg.image_size, cfg.image_format,
-                                                          cfg.jpeg_quality)]
+                yield key, tokens, [_image(cfg, image)]
             except SampleError as e:
                 yield key, e
+    if cfg.mode == "interleaved":
+        return (yield from _iter_interleaved(cfg, b, path))
     if cfg.mode == "text":
         raw, err = readers.read_text_docs(path, cfg.text_key)
         for key, doc in raw:
@@ -239,9 +273,9 @@ def _iter_samples(cfg: PackConfig, path: str):
             except SampleError as e:
                 yield key, e
         return err
-    raw, err = readers.read_json_records(path)
+    errors: list = []
     root = cfg.image_root or os.path.dirname(os.path.abspath(path))
-    for key, entry in raw:
+    for key, entry in readers.iter_json_records(path, errors):
         try:
             if isinstance(entry, SampleError):
                 raise entry
@@ -266,11 +300,43 @@ def _iter_samples(cfg: PackConfig, path: str):
                         data = f.read()
                 except OSError as e:
                     raise SampleError("missing_image", f"{rel}: {e}") from None
-                images.append(readers.prepare_image(data, cfg.image_size, cfg.image_format, cfg.jpeg_quality))
+                images.append(_image(cfg, data))
             yield key, tokens, images
         except SampleError as e:
             yield key, e
-    return err
+    return errors[0] if errors else None
+
+
+def _collect_error(gen, errors: list):
+    """Yields from a reader that returns its file-level error; appends that error to `errors`."""
+    err = yield from gen
+    if err:
+        errors.append(err)
+
+
+def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
+    """OBELICS-style documents: WebDataset tars of {key}.json, or .jsonl / .json lists of records."""
+    errors: list = []
+    if path.lower().endswith((".jsonl", ".json")):
+        raw = readers.iter_json_records(path, errors)
+    else:
+        raw = _collect_error(readers.iter_tar(path), errors)
+    for key, entry in raw:
+        try:
+            if isinstance(entry, SampleError):
+                raise entry
+            if not path.lower().endswith((".jsonl", ".json")):  # tar members {ext: bytes}
+                if "json" not in entry:
+                    raise SampleError("missing_json")
+                entry = readers._json_or_error(entry["json"])
+            parts, images = readers.interleaved_from_record(entry)
+            if len(images) > MAX_DOC_IMAGES:
+                raise SampleError("too_many_images", f"{len(images)} images in the document > {MAX_DOC_IMAGES}")
+            tokens = _fit(cfg, b, b.interleaved(parts))
+            yield key, tokens, [_image(cfg, d) for d in images[:tokens.num_images]]
+        except SampleError as e:
+            yield key, e
+    return errors[0] if errors else None
 
 
 def _iter_qwen2vl(cfg: PackConfig, b, path: str):
@@ -330,6 +396,7 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
 def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     """Builds, packs and writes one unit; returns its stats (reused from disk if already done)."""
     rows_path = os.path.join(cfg.out, unit.name + ".array_record")
+    info_path = os.path.join(cfg.out, unit.name + ROW_INFO)
     stats_path = os.path.join(cfg.out, unit.name + ".stats.json")
     fingerprint = cfg.fingerprint()
     inputs_sig = _input_signature(unit.inputs)
@@ -341,7 +408,8 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
             done = {}  # unreadable marker (e.g. empty after a power loss): not done
         rows_size = os.path.getsize(rows_path) if os.path.exists(rows_path) else 0
         if (isinstance(done, dict) and done.get("complete") and done.get("config") == fingerprint
-                and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size):
+                and done.get("inputs") == inputs_sig and done.get("rows_bytes") == rows_size
+                and (done.get("rows") == 0 or os.path.exists(info_path))):
             done["reused"] = True
             return done
         # Not reusable: drop the marker before touching the rows, so a run killed between writing new
@@ -349,64 +417,102 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         os.remove(stats_path)
     _invalidate_summary(cfg.out)  # this unit changes OUT
 
-    skipped = collections.Counter()
-    skipped_keys, shard_errors, kept = [], {}, []
-    samples_in = 0
-    for path in unit.inputs:
-        gen = _iter_samples(cfg, path)
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                if stop.value:
-                    shard_errors[path] = stop.value
-                break
-            samples_in += 1
-            if isinstance(item[1], SampleError):
-                skipped[item[1].reason] += 1
-                skipped_keys.append([item[0], item[1].reason])
-            else:
-                kept.append(item)
-
-    lengths = [len(t.input_ids) for _, t, _ in kept]
-    if cfg.packing == "ffd" and cfg.qwen2vl:  # the second bound: patches per row (4 per image token)
-        image_id = _builder(cfg).ids.image
-        patches = [4 * int(np.sum(t.input_ids == image_id)) for _, t, _ in kept]
-        bins = first_fit_decreasing(lengths, cfg.seq_len, patches, cfg.resolved_max_patches(),
-                                    max_items=cfg.max_samples)
-    elif cfg.packing == "ffd":
-        bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
-                                    cfg.resolved_max_images(), max_items=cfg.max_samples)
-    else:
-        bins = [[i] for i in range(len(kept))]
-
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    pad_id = _builder(cfg).ids.pad
+    skipped = collections.Counter()
+    skipped_keys, shard_errors, kept = [], {}, []
+    pad_id, slack_id = _builder(cfg).ids.pad, _builder(cfg).slack_id
     tmp = f"{rows_path}.tmp-{os.getpid()}"
-    max_img_row = max_seg_row = 0
-    if bins:
-        writer = ArrayRecordWriter(tmp, "group_size:1")
+    tally = collections.Counter()  # samples_in, samples_packed, rows, real_tokens, images, truncated
+    writer, max_img_row, max_seg_row = None, 0, 0
+    row_info = array.array("i")  # per row: real tokens, images (the length-grouped sampler's input)
+
+    def flush():
+        """Packs and writes the samples held so far, then forgets them: memory stays bounded by
+        cfg.max_samples_in_memory however large one input file is (FFD runs per batch of samples)."""
+        nonlocal writer, max_img_row, max_seg_row
+        lengths = [len(t.input_ids) for _, t, _ in kept]
+        if cfg.packing == "ffd" and cfg.qwen2vl:  # the second bound: patches per row (4 per image token)
+            image_id = _builder(cfg).ids.image
+            patches = [4 * int(np.sum(t.input_ids == image_id)) for _, t, _ in kept]
+            bins = first_fit_decreasing(lengths, cfg.seq_len, patches, cfg.resolved_max_patches(),
+                                        max_items=cfg.max_samples)
+        elif cfg.packing == "ffd":
+            max_items = cfg.max_samples - 1 if cfg.pad_as_target and cfg.max_samples else cfg.max_samples
+            bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
+                                        cfg.resolved_max_images(), max_items=max_items)
+        else:
+            bins = [[i] for i in range(len(kept))]
+        if bins and writer is None:
+            writer = ArrayRecordWriter(tmp, "group_size:1")
         for b in bins:
             row = assemble_row([(kept[i][1].input_ids, kept[i][1].loss_mask, kept[i][2]) for i in b],
                                cfg.seq_len, pad_id)
+            if slack_id is not None:
+                row = fill_slack_as_target(row, slack_id)
             writer.write(encode_row(row))
             max_img_row = max(max_img_row, len(row["image_segment_ids"]))
-            max_seg_row = max(max_seg_row, len(b))
-        writer.close()
-        os.replace(tmp, rows_path)
-    elif os.path.exists(rows_path):
-        os.remove(rows_path)  # stale output from an earlier run with different settings
+            max_seg_row = max(max_seg_row, int(row["segment_ids"].max(initial=0)))
+            row_info.extend((int(sum(lengths[i] for i in b)), len(row["image_segment_ids"])))
+        tally.update(samples_packed=len(kept), rows=len(bins), real_tokens=int(sum(lengths)),
+                     images=int(sum(t.num_images for _, t, _ in kept)),
+                     truncated=sum(t.truncated for _, t, _ in kept))
+        kept.clear()
+
+    from tqdm import tqdm
+
+    try:
+        # Per-unit progress (terminals only): one huge input file is one unit and may take hours.
+        bar = tqdm(desc=unit.name, unit=" samples", disable=None, leave=False, mininterval=5)
+        for path in unit.inputs:
+            gen = _iter_samples(cfg, path)
+            while True:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    if stop.value:
+                        shard_errors[path] = stop.value
+                    break
+                bar.update()
+                tally["samples_in"] += 1
+                if isinstance(item[1], SampleError):
+                    skipped[item[1].reason] += 1
+                    skipped_keys.append([item[0], item[1].reason])
+                else:
+                    kept.append(item)
+                    if len(kept) >= cfg.max_samples_in_memory:
+                        flush()
+        flush()
+        bar.close()
+        if writer is not None:
+            writer.close()
+            os.replace(tmp, rows_path)
+            with open(info_path + ".tmp", "wb") as f:
+                np.save(f, np.frombuffer(row_info, np.int32).reshape(-1, 2))
+            os.replace(info_path + ".tmp", info_path)
+    except BaseException:  # e.g. a full disk or a kill: no .tmp-<pid> left behind
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
+        for leftover in (tmp, info_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    if writer is None:
+        for stale in (rows_path, info_path):  # output of an earlier run with different settings
+            if os.path.exists(stale):
+                os.remove(stale)
 
     stats = {
         "name": unit.name, "complete": not shard_errors, "config": fingerprint, "inputs": inputs_sig,
-        "samples_in": samples_in, "samples_packed": len(kept), "skipped": dict(sorted(skipped.items())),
-        "rows": len(bins), "real_tokens": int(sum(lengths)),
-        "images": int(sum(t.num_images for _, t, _ in kept)),
-        "truncated": sum(t.truncated for _, t, _ in kept),
+        "samples_in": tally["samples_in"], "samples_packed": tally["samples_packed"],
+        "skipped": dict(sorted(skipped.items())), "rows": tally["rows"], "real_tokens": tally["real_tokens"],
+        "images": tally["images"], "truncated": tally["truncated"],
         "max_images_in_row": max_img_row, "max_samples_in_row": max_seg_row,
         "shard_errors": shard_errors, "skipped_keys": skipped_keys,
-        "rows_bytes": os.path.getsize(rows_path) if bins else 0,
+        "rows_bytes": os.path.getsize(rows_path) if writer is not None else 0,
     }
     with open(stats_path + ".tmp", "w") as f:
         json.dump(stats, f, indent=1)
@@ -463,18 +569,34 @@ def _remove_stale(out: str, names: set[str], log) -> None:
     """Deletes unit outputs of earlier runs into `out` that this run's units do not include (other
     inputs or another --window); left there, the loader would read their rows as well."""
     for f in sorted(os.listdir(out)):
-        for suffix in (".array_record", ".stats.json"):
+        for suffix in (".array_record", ".stats.json", ROW_INFO):
             if f.endswith(suffix) and f != "stats.json" and f[: -len(suffix)] not in names:
                 _invalidate_summary(out)
                 os.remove(os.path.join(out, f))
                 log(f"removed {f}: output of an earlier run, not a unit of this one")
 
 
+def _remove_leftover_tmp(out: str, log) -> None:
+    """Temporary files of a killed run into `out` (only called while holding its lock)."""
+    for f in sorted(os.listdir(out)):
+        if ".tmp-" in f or f.endswith(".tmp"):
+            os.remove(os.path.join(out, f))
+            log(f"removed {f}: left by an interrupted run")
+
+
 def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, log=print) -> dict:
-    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json."""
+    """Packs ``inputs`` (already resolved paths) into ``cfg.out``; returns and writes OUT/stats.json.
+    OUT is locked meanwhile: a second packer into it is refused, naming this one."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    os.makedirs(cfg.out, exist_ok=True)
+    with failures.writing(cfg.out):
+        os.makedirs(cfg.out, exist_ok=True)
+        with locks.hold(cfg.out, "a pack run"):
+            _remove_leftover_tmp(cfg.out, log)
+            return _run(cfg, inputs, window, workers, log)
+
+
+def _run(cfg: PackConfig, inputs: list[str], window: int, workers: int, log) -> dict:
     from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
 
     if cfg.qwen2vl:  # Qwen2-VL's tokenizer as it ships
@@ -525,7 +647,9 @@ FLAG_KEYS = {"seq_len": "data.seq_len", "image_tokens": "model.image_tokens", "i
              "jpeg_quality": "pack.jpeg_quality", "max_samples_per_row": "pack.max_samples_per_row",
              "sft_template": "pack.sft_template", "image_root": "pack.image_root", "packing": "pack.packing",
              "window": "pack.window", "workers": "pack.workers", "text_key": "pack.text_key",
-             "truncate": "pack.truncate"}
+             "truncate": "pack.truncate", "max_samples_in_memory": "pack.max_samples_in_memory",
+             "image_strategy": "data.image_strategy", "alpha": "data.alpha", "pre_squash": "data.pre_squash",
+             "pad_as_target": "data.pad_as_target", "original_image_offset": "data.original_image_offset"}
 
 
 def main(argv=None) -> int:
@@ -540,7 +664,8 @@ def main(argv=None) -> int:
     cli.add_out(p)
     g = p.add_argument_group("overrides of config keys (default: the config's, else the packer's default)")
     g.add_argument("--mode", choices=MODES, help="caption: WebDataset tars; sft: LLaVA json/jsonl; "
-                                                 "text: jsonl/json/txt documents (pack.mode)")
+                                                 "text: jsonl/json/txt documents; interleaved: OBELICS-style "
+                                                 "documents (tars of {key}.json, or jsonl) (pack.mode)")
     g.add_argument("--seq-len", type=int, help="row length (data.seq_len; default 4096)")
     g.add_argument("--image-tokens", type=int, help="image slots per image (model.image_tokens; default 144)")
     g.add_argument("--image-size", type=int, help="stored images are size x size (model.vision.image_size)")
@@ -556,8 +681,24 @@ def main(argv=None) -> int:
     g.add_argument("--window", type=int, help="input shards packed together (default 1)")
     g.add_argument("--workers", type=int)
     g.add_argument("--text-key", help="text mode: json/jsonl field holding the document")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="pack the shards a brace pattern names that exist, even if some are missing")
     g.add_argument("--truncate", action="store_const", const=True,
                    help="cut samples longer than seq_len (as the original) instead of skipping them")
+    g.add_argument("--max-samples-in-memory", type=int,
+                   help="FFD packs at most this many samples at a time: bounds memory for one huge input file "
+                        "(pack.max_samples_in_memory; default 50000)")
+    f = p.add_argument_group("fidelity switches (data.* keys; defaults: corrected behaviour; README 'Fidelity')")
+    f.add_argument("--image-strategy", choices=transforms.STRATEGIES,
+                   help="squash (the original's resize-naive; default), letterbox (mean-colour padding), resize-crop")
+    f.add_argument("--alpha", choices=transforms.ALPHA,
+                   help="white: composite transparency on white (default); drop: PIL convert('RGB') as the original")
+    f.add_argument("--pre-squash", choices=transforms.PRE_SQUASH,
+                   help="lanczos: the original pickle packer's LANCZOS resize of images over image-size")
+    f.add_argument("--pad-as-target", action="store_const", const=True,
+                   help="fill each row's slack with <|pad|> tokens trained on, as the original pickle path")
+    f.add_argument("--original-image-offset", action="store_const", const=True,
+                   help="SFT: drop the token after <image> in a turn starting with <s> (tokenizer_image_token)")
     g.add_argument("--min-pixels", type=int, help="qwen2vl modes: resize lower bound, an area "
                                                   "(model.qwen2_vl_vision.min_pixels; default 56*56)")
     g.add_argument("--max-pixels", type=int, help="qwen2vl modes: resize upper bound "
@@ -573,7 +714,7 @@ def main(argv=None) -> int:
         if a.tokenizer:
             values["tokenizer"] = a.tokenizer
         cfg = cli.load_config(a, values)
-        inputs = readers.resolve_inputs(a.input)
+        inputs = readers.resolve_inputs(a.input, a.allow_missing)
         settings = resolve.for_pack(cfg, a.out)
         run(settings, inputs, window=cfg.pack.window, workers=cfg.pack.workers,
             log=lambda m: print(m, file=sys.stderr, flush=True))

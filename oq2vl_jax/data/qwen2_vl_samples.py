@@ -20,6 +20,8 @@ _USER_ROLES, _ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
 
 
 class Qwen2VLSampleBuilder:
+    slack_id = None  # the pad_as_target fidelity switch is the SigLIP path's
+
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.ids = qwen2_vl_ids(tokenizer)

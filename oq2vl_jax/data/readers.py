@@ -14,8 +14,9 @@ import re
 import tarfile
 from typing import Iterator
 
+from oq2vl_jax.data import transforms
+from oq2vl_jax.cli import UserError
 from oq2vl_jax.data.samples import SampleError
-from oq2vl_jax.images import squash
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -38,19 +39,34 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
-def resolve_inputs(patterns: list[str]) -> list[str]:
-    """Brace-expands then globs each pattern; keeps the given order, drops duplicates."""
-    out, seen = [], set()
+class MissingShards(UserError):
+    """A brace pattern names shards that are not there (a partial download or copy)."""
+
+
+def resolve_inputs(patterns: list[str], allow_missing: bool = False) -> list[str]:
+    """Brace-expands then globs each pattern; keeps the given order, drops duplicates.
+    A brace pattern whose expansions are only partly present is refused (naming a few missing)
+    unless `allow_missing`."""
+    out, seen, missing, expanded = [], set(), [], 0
     for pattern in patterns:
         hits = []
-        for p in expand_braces(pattern):
-            hits.extend(sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else []))
+        names = expand_braces(pattern)
+        for p in names:
+            found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
+            if not found and len(names) > 1:
+                missing.append(p)
+            hits.extend(found)
+        expanded += len(names) if len(names) > 1 else 0
         if not hits:
             raise FileNotFoundError(f"--input pattern matched no file: {pattern!r}")
         for h in hits:
             if h not in seen:
                 seen.add(h)
                 out.append(h)
+    if missing and not allow_missing:
+        few = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise MissingShards(f"--input: {len(missing)} of {expanded} shards named by the pattern(s) are missing "
+                            f"({few}); pass --allow-missing to use the {len(out)} present")
     return out
 
 
@@ -88,6 +104,13 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     files = {}
                 key = k
                 files[ext] = data
+            end = tf.offset
+        # tarfile's stream mode takes a cut header, or a cut between members, for the end of the archive;
+        # a whole tar ends in two zero blocks there.
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {end}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         error = f"{type(e).__name__}: {e}"
     if files:
@@ -115,6 +138,44 @@ def caption_from_files(files: dict[str, bytes]) -> tuple[bytes, str]:
     return image, _utf8(raw)
 
 
+def interleaved_from_record(doc) -> tuple[list, list[bytes]]:
+    """An OBELICS-style record ({"texts": [str | None], "image_info": [{"image_base64": ...} | None]},
+    one entry per document position) -> (parts: text str or None for an image, image bytes in order).
+
+    As the original: a position without image data is a text position; images of width or height 1
+    are dropped with their position. Raises SampleError for malformed records and undecodable images."""
+    import base64
+    import binascii
+
+    from PIL import Image
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("texts"), list):
+        raise SampleError("bad_json", "interleaved record needs a 'texts' list")
+    texts, infos = doc["texts"], doc.get("image_info")
+    if not isinstance(infos, list) or len(infos) != len(texts):
+        raise SampleError("bad_json", "'image_info' must be a list as long as 'texts'")
+    parts, images = [], []
+    for text, info in zip(texts, infos):
+        if isinstance(info, dict) and info.get("image_base64"):
+            try:
+                data = base64.b64decode(info["image_base64"], validate=True)
+                with Image.open(io.BytesIO(data)) as im:
+                    size = im.size
+            except (binascii.Error, ValueError, TypeError) as e:
+                raise SampleError("corrupt_image", f"bad base64: {e}") from None
+            except Exception as e:  # PIL raises many types
+                raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+            if 1 in size:
+                continue
+            parts.append(None)
+            images.append(data)
+        elif isinstance(text, str):
+            parts.append(text)
+        elif text is not None:
+            raise SampleError("bad_json", f"text entry is {type(text).__name__}, not a string")
+    return parts, images
+
+
 def _utf8(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -129,29 +190,61 @@ def _json_or_error(raw: bytes):
         raise SampleError("bad_json", f"{type(e).__name__}: {e}") from None
 
 
-def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
-    """Reads a .json list or a .jsonl file: [(key, entry | SampleError)]. Keys are ``file:index``."""
+def iter_json_records(path: str, errors: list):
+    """Streams a .json list or a .jsonl file: yields (key, entry | SampleError), keys ``file:index``.
+
+    Memory stays bounded whatever the file size: .jsonl is read line by line and a .json list is
+    parsed incrementally (ijson), one sample at a time. A file-level problem (unreadable, not a list,
+    a syntax error part way) ends the stream and is appended to ``errors``; the samples before it
+    were yielded."""
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except OSError as e:
-        return [], f"{type(e).__name__}: {e}"
-    if path.lower().endswith(".jsonl"):
-        out = []
-        for i, line in enumerate(l for l in data.split(b"\n") if l.strip()):
+        errors.append(f"{type(e).__name__}: {e}")
+        return
+    with f:
+        if path.lower().endswith(".jsonl"):
+            i = 0
             try:
-                out.append((f"{name}:{i}", _json_or_error(line)))
-            except SampleError as e:
-                out.append((f"{name}:{i}", e))
-        return out, None
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{name}:{i}", _json_or_error(line)
+                    except SampleError as e:
+                        yield f"{name}:{i}", e
+                    i += 1
+            except OSError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+            return
+        yield from _iter_json_list(f, name, errors)
+
+
+def _iter_json_list(f, name: str, errors: list):
+    import ijson
+
     try:
-        entries = _json_or_error(data)
-    except SampleError as e:
-        return [], f"unreadable json file: {e}"
-    if not isinstance(entries, list):
-        return [], "json file is not a list of samples"
-    return [(f"{name}:{i}", e) for i, e in enumerate(entries)], None
+        if f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte order mark is skipped, as json.loads does
+            f.seek(0)
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        if head != b"[":
+            errors.append("json file is not a list of samples" if head else "unreadable json file: empty")
+            return
+        f.seek(f.tell() - 1)
+        for i, entry in enumerate(ijson.items(f, "item", use_float=True)):
+            yield f"{name}:{i}", entry
+    except (ijson.JSONError, ValueError, RecursionError, OSError) as e:  # syntax error part way, bad bytes
+        errors.append(f"unreadable json file: {type(e).__name__}: {e}")
+
+
+def read_json_records(path: str) -> tuple[list[tuple[str, object]], str | None]:
+    """iter_json_records, collected: ([(key, entry | SampleError)], file-level error or None)."""
+    errors: list = []
+    out = list(iter_json_records(path, errors))
+    return out, (errors[0] if errors else None)
 
 
 TEXT_EXTS = (".jsonl", ".json", ".txt")
@@ -189,14 +282,15 @@ def read_text_docs(path: str, text_key: str = "text") -> tuple[list[tuple[str, o
     return out, None
 
 
-def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95) -> bytes:
-    """Decodes, converts to RGB, squashes to size×size (PIL bicubic: the original's 'resize-naive',
-    docs/original_system.md §1), re-encodes."""
+def prepare_image(data: bytes, size: int, fmt: str = "jpeg", quality: int = 95, strategy: str = "squash",
+                  alpha: str = "white", pre_squash: str = "none") -> bytes:
+    """Decodes, makes RGB and size×size (transforms.to_square: squash by default, the original's
+    'resize-naive', docs/original_system.md §1), re-encodes."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = squash(im, size)
+            im = transforms.to_square(im, size, strategy, alpha, pre_squash)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
     out = io.BytesIO()

@@ -82,3 +82,20 @@ def assemble_row(samples: Sequence[tuple[np.ndarray, np.ndarray, Sequence[bytes]
     return {"input_ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": mask,
             "image_bytes": blob, "image_offsets": offsets,
             "image_segment_ids": np.asarray(image_seg, np.int32)}
+
+
+def fill_slack_as_target(row: dict, token_id: int) -> dict:
+    """The original pickle path's pad quirk: the row's padding becomes ``token_id`` tokens that are
+    trained on (loss_mask 1), as one more segment (positions from 0) after the row's samples."""
+    seg = row["segment_ids"]
+    start = int(np.count_nonzero(seg))
+    if start == len(seg):
+        return row
+    row = dict(row)
+    for k in ("input_ids", "segment_ids", "positions", "loss_mask"):
+        row[k] = row[k].copy()
+    row["input_ids"][start:] = token_id
+    row["loss_mask"][start:] = 1
+    row["segment_ids"][start:] = seg.max(initial=0) + 1
+    row["positions"][start:] = np.arange(len(seg) - start, dtype=np.int32)
+    return row

@@ -12,8 +12,9 @@ Layout rules (docs/original_system.md §3-4), with each image expanded at pack t
 ``loss_mask[t] = 1`` means token ``t`` is a prediction target (the trainer applies it to the label side
 of its shifted cross-entropy). Image slots and padding are never targets.
 
-Not reproduced: the original's ``tokenizer_image_token`` offset bug (docs/original_system.md §4), which drops the first
-token after each ``<image>`` in SFT; we keep that token.
+The original's ``tokenizer_image_token`` offset bug (docs/original_system.md §4) (a turn whose text starts with ``<s>`` loses the
+first token after each ``<image>``: in SFT the ``"\n"`` of ``"<image>\n"``) is off by default (we keep
+that token) and reproduced with ``original_image_offset=True``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import re
 
 import numpy as np
 
-from oq2vl_jax.data.tokenizer import IMAGE_TAG, special_ids
+from oq2vl_jax.data.tokenizer import END_OF_CHUNK, IMAGE_TAG, special_ids
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 SFT_TEMPLATES = ("chatml", "original")
@@ -49,7 +50,8 @@ class Tokens:
 class SampleBuilder:
     """Turns text into ``Tokens`` with a prepared tokenizer (see tokenizer.load_tokenizer)."""
 
-    def __init__(self, tokenizer, image_tokens: int, sft_template: str = "chatml"):
+    def __init__(self, tokenizer, image_tokens: int, sft_template: str = "chatml",
+                 original_image_offset: bool = False):
         if image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
         if sft_template not in SFT_TEMPLATES:
@@ -58,6 +60,7 @@ class SampleBuilder:
         self.ids = special_ids(tokenizer)
         self.image_tokens = image_tokens
         self.sft_template = sft_template
+        self.original_image_offset = original_image_offset
 
     # -- pieces ---------------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -75,13 +78,22 @@ class SampleBuilder:
         return ids
 
     def _encode_with_images(self, text: str) -> tuple[list[int], int]:
-        """Tokenizes ``text``, replacing each ``<image>`` by K image-pad ids (text chunks separately)."""
+        """Tokenizes ``text``, replacing each ``<image>`` by K image-pad ids (text chunks separately).
+
+        With ``original_image_offset``, a text whose first token is ``<s>`` loses the first token of
+        every chunk after an image, as the original's ``tokenizer_image_token`` (LLaVA's Llama logic,
+        where every chunk began with a BOS it meant to skip)."""
         chunks = text.split(IMAGE_TAG)
         out: list[int] = []
+        skip = 0
         for i, chunk in enumerate(chunks):
+            ids = self._encode_text(chunk)
+            if i == 0 and self.original_image_offset and ids[:1] == [self.ids.bos]:
+                skip = 1
             if i:
                 out.extend([self.ids.image] * self.image_tokens)
-            out.extend(self._encode_text(chunk))
+                ids = ids[skip:]
+            out.extend(ids)
         return out, len(chunks) - 1
 
     @staticmethod
@@ -92,7 +104,7 @@ class SampleBuilder:
 
     # -- sample kinds -----------------------------------------------------------------------------
     def caption(self, caption: str) -> Tokens:
-        if caption is None or not caption.strip():
+        if not has_printable(caption):
             raise SampleError("empty_caption")
         body = self._encode_text("\n" + caption.replace(IMAGE_TAG, "<image-placeholder>"))
         ids = [self.ids.bos] + [self.ids.image] * self.image_tokens + body + [self.ids.eos]
@@ -101,10 +113,31 @@ class SampleBuilder:
         return Tokens(np.asarray(ids, np.int32), mask, 1)
 
     def text(self, doc: str) -> Tokens:
-        if doc is None or not doc.strip():
+        if not has_printable(doc):
             raise SampleError("empty_text")
         ids = [self.ids.bos] + self._encode_text(doc) + [self.ids.eos]
         return Tokens(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), 0)
+
+    def interleaved(self, parts: list) -> Tokens:
+        """OBELICS-style document: text chunks (str) and images (None) in document order.
+
+        As the original's packer: an image is ``"<image>\n"``, a text chunk is followed by
+        ``<|endofchunk|>``, literal ``<image>`` in text becomes ``<image-placeholder>``, ``<s>`` first and
+        ``<|im_end|>`` last; loss on every text token. Images after the last text chunk are dropped
+        (the original meant to; its check looked for a trailing placeholder, which the "\n" after
+        each image hides), and ``num_images`` counts the images kept, which are the first ones.
+        """
+        parts = list(parts)
+        while parts and parts[-1] is None:
+            parts.pop()
+        if not any(p is None for p in parts):
+            raise SampleError("no_image", "no image before the document's last text chunk")
+        text = "".join(IMAGE_TAG + "\n" if p is None else p.replace(IMAGE_TAG, "<image-placeholder>") + END_OF_CHUNK
+                       for p in parts)
+        body, n_img = self._encode_with_images(text)
+        ids = ([] if body[:1] == [self.ids.bos] else [self.ids.bos]) + body + [self.ids.eos]
+        ids = np.asarray(ids, np.int32)
+        return Tokens(ids, (ids != self.ids.image).astype(np.uint8), n_img)
 
     def conversation(self, turns: list[dict]) -> Tokens:
         """LLaVA ``conversations`` ([{"from": "human"|"gpt", "value": str}, ...]) → tokens."""
@@ -149,6 +182,11 @@ class SampleBuilder:
         out = self._finish(pieces, n_img)
         out.loss_mask[out.input_ids == self.ids.image] = 0
         return out
+
+
+def has_printable(text: str | None) -> bool:
+    """False for None, "" and text of only whitespace, NUL or other control characters."""
+    return bool(text) and any(c.isprintable() and not c.isspace() for c in text)
 
 
 def count_image_tags(turns) -> int:

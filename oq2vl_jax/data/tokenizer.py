@@ -11,6 +11,8 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
+from oq2vl_jax.cli import UserError
+
 BOS = "<s>"
 EOS = "<|im_end|>"
 PAD = "<|endoftext|>"
@@ -38,6 +40,15 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+# A folder without any of these is not a tokenizer (transformers would blame a missing library).
+TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model",
+                             "vocab.txt"})
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer folder that is empty, broken or not a Qwen2-style tokenizer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +80,13 @@ def load_tokenizer(path: str):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
-    tok = AutoTokenizer.from_pretrained(path)
+    if not set(os.listdir(path)) & TOKENIZER_FILES:
+        raise TokenizerError(f"tokenizer directory {path!r} holds no tokenizer (none of {sorted(TOKENIZER_FILES)})")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises many types for a broken folder)
+        raise TokenizerError(f"tokenizer directory {path!r} cannot be loaded: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}") from e
     tok.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, BOS]})
     tok.bos_token = BOS
     if tok.eos_token != EOS:
@@ -83,8 +100,22 @@ def load_tokenizer(path: str):
         tok.add_tokens([AddedToken(IMAGE_PAD, special=True, normalized=False)], special_tokens=True)
     for name in (EOS, PAD, IM_START):
         if _token_id(tok, name) is None:
-            raise ValueError(f"tokenizer at {path!r} has no {name!r} token; is it a Qwen2 tokenizer?")
+            raise TokenizerError(f"tokenizer at {path!r} has no {name!r} token; is it a Qwen2 tokenizer?")
     return tok
+
+
+# The original pickle packer's pad token: added after <|endofchunk|> and <s>, so 151666 in Qwen2.5, and
+# trained on as a target (the trainer only ignored <|endoftext|>). Only added when that is reproduced.
+PKL_PAD = "<|pad|>"
+
+
+def add_pkl_pad(tok) -> int:
+    """Adds the original packer's ``<|pad|>`` special token (if missing) and returns its id."""
+    from tokenizers import AddedToken
+
+    if _token_id(tok, PKL_PAD) is None:
+        tok.add_tokens([AddedToken(PKL_PAD, special=True, normalized=False)], special_tokens=True)
+    return _token_id(tok, PKL_PAD)
 
 
 def special_ids(tok) -> SpecialIds:

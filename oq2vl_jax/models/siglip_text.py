@@ -159,12 +159,12 @@ _IGNORED = ("logit_scale", "logit_bias")
 
 def hf_key(path: tuple) -> str:
     """Our parameter path -> HF SiglipModel key."""
-    from oq2vl_jax.models.weights import _to_key
+    from oq2vl_jax.treepaths import dotted
 
     leaf = path[-1]
     hf_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
     head = ("vision_model", "head") if path[0] == "vision_head" else (path[0],)
-    return _to_key(head + tuple(path[1:-1]) + (hf_leaf,))
+    return dotted(head + tuple(path[1:-1]) + (hf_leaf,))
 
 
 def hf_to_pair(sd: Mapping[str, np.ndarray], params: Mapping[tuple, object]) -> dict[tuple, np.ndarray]:

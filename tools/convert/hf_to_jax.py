@@ -60,7 +60,7 @@ import time
 import jax
 import numpy as np
 
-from oq2vl_jax import checkpoint
+from oq2vl_jax import checkpoint, integrity
 from oq2vl_jax import cli
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.config import Config
@@ -319,7 +319,7 @@ def convert_siglip(src: str, out: str, dtype: str | None = None) -> str:
     from transformers import AutoConfig, AutoTokenizer
 
     from oq2vl_jax.data.siglip_score import CONFIG, TOKENIZER, WEIGHTS
-    from oq2vl_jax.hf_io import write_safetensors_file
+    from oq2vl_jax.hf_io import write_safetensors
     from oq2vl_jax.models.siglip_text import SiglipPair, SiglipPairConfig, SiglipTextConfig, hf_to_pair
 
     if not os.path.isfile(os.path.join(src, "config.json")):
@@ -349,7 +349,7 @@ def convert_siglip(src: str, out: str, dtype: str | None = None) -> str:
     tok = AutoTokenizer.from_pretrained(src)
     os.makedirs(out, exist_ok=True)
     tok.save_pretrained(os.path.join(out, TOKENIZER))
-    write_safetensors_file(os.path.join(out, WEIGHTS), tensors)
+    assert write_safetensors(tensors, out, max_shard_bytes=1 << 62) == [WEIGHTS]  # one file
     with open(os.path.join(out, CONFIG), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
     return out
@@ -441,6 +441,7 @@ def _save(out: str, model_cfg: ModelConfig, tok, flat: dict) -> None:
     checkpoint.save(mngr, 0, params=checkpoint.nest(flat))
     mngr.wait_until_finished()
     mngr.close()
+    integrity.write_manifest(os.path.join(checkpoint.checkpoint_dir(out), "0"))  # readers verify it
 
 
 def convert_qwen2_vl(args, out: str) -> str:

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from oq2vl_jax import checkpoint
+from oq2vl_jax import checkpoint, failures, staging
 from oq2vl_jax import cli
 from oq2vl_jax.cli import UserError
 from oq2vl_jax.hf_io import parse_size, write_safetensors
@@ -302,21 +302,22 @@ def export_qwen2_vl(args, cfg, tokenizer_dir: str) -> str:
     dtype = _dtype_name(flat[(LLM, "model", "embed_tokens", "embedding")])
     files = {"config.json": qwen2_vl_hf.hf_config(m, ids, dtype), **qwen2_vl_hf.processor_files(m),
              "generation_config.json": {"bos_token_id": None, "eos_token_id": ids.im_end, "pad_token_id": ids.pad}}
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    write_safetensors(sd, out, parse_size(args.max_shard_size))
-    del sd, flat
-    tokenizer.save_pretrained(out)
-    for name, obj in files.items():
-        _write_json(os.path.join(out, name), obj)
-    with open(os.path.join(out, "chat_template.jinja"), "w") as f:  # shared by tokenizer and processor
-        f.write(tokenizer.chat_template or CHAT_TEMPLATE)
-    return out
+    # Built in a folder beside --out and swapped in whole, as the other formats.
+    with failures.writing(args.out), staging.staged_dir(args.out, args.overwrite, "an export") as out:
+        write_safetensors(sd, out, parse_size(args.max_shard_size))
+        del sd, flat
+        tokenizer.save_pretrained(out)
+        for name, obj in files.items():
+            _write_json(os.path.join(out, name), obj)
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:  # shared by tokenizer and processor
+            f.write(tokenizer.chat_template or CHAT_TEMPLATE)
+    return os.path.abspath(args.out)
 
 
 def export(args) -> str:
     from oq2vl_jax.data.tokenizer import IMAGE_PAD, load_tokenizer, special_ids
 
+    staging.check_target(args.out, args.overwrite)  # before the checkpoint is read
     cfg = checkpoint.resolve_checkpoint_config(args.checkpoint)
     m = cfg.model
     check_format(m, args.format)
@@ -336,17 +337,29 @@ def export(args) -> str:
     # export. The processor first, as it needs no weights (e.g. a grid the processor cannot express).
     processor = {} if args.format in ("qwen2", "prismatic") else processor_files(m, IMAGE_PAD)
     step, flat = read_checkpoint(args.checkpoint, m, args.step)
+    # Built in a folder beside --out and swapped in whole: never mixed with an earlier export.
+    with failures.writing(args.out), staging.staged_dir(args.out, args.overwrite, "an export") as tmp:
+        _write(args, tmp, m, flat, tokenizer, ids, processor)
+    return os.path.abspath(args.out)
+
+
+def _write(args, out: str, m: ModelConfig, flat, tokenizer, ids, processor: dict) -> None:
+    from oq2vl_jax.data.tokenizer import IMAGE_PAD
+
     if args.format == "prismatic":
-        return write_prismatic(args.out, m, flat)
-    flat = _cast(flat, args.dtype)
+        write_prismatic(out, m, flat)
+        return
+    if args.dtype:
+        import ml_dtypes
+
+        target = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(np.float32)
+        flat = {k: v.astype(target, copy=False) for k, v in flat.items()}
     sd = hf_state_dict(flat, args.format)
     dtype = _dtype_name(flat[(LLM, "model", "embed_tokens", "embedding")])
     pooled = args.format == "pooled-llava"
     config = qwen2_config(m, ids, dtype) if args.format == "qwen2" else llava_config(m, ids, dtype, pooled)
     files = {"generation_config.json": generation_config(ids), "config.json": config, **processor}
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     write_safetensors(sd, out, parse_size(args.max_shard_size))
     del sd, flat
     # The prepared tokenizer, not the raw files: a run's `tokenizer` may be a stock one whose `<s>`
@@ -355,13 +368,12 @@ def export(args) -> str:
     for name, obj in files.items():
         _write_json(os.path.join(out, name), obj)
     if args.format == "qwen2":
-        return out
+        return
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:  # shared by tokenizer and processor
         f.write(chat_template(IMAGE_PAD))
     if pooled:
         for name in REMOTE_CODE_FILES:
             shutil.copy2(os.path.join(REMOTE_CODE_DIR, name), os.path.join(out, name))
-    return out
 
 
 def parse_args(argv=None):
@@ -369,7 +381,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="our checkpoint directory (config.yaml + checkpoints/)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (built beside it, then swapped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (its old files go)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as saved)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         out = export(args)
-    except (ValueError, FileNotFoundError) as e:  # ExportError, WeightError, ConfigError
+    except (ValueError, FileNotFoundError, UserError) as e:  # ExportError, WeightError, ConfigError, lock, disk
         print(f"jax_to_hf: error: {cli.one_line(e)}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
     print(f"jax_to_hf: wrote {args.format} to {out} in {time.time() - start:.1f}s")
