@@ -185,11 +185,11 @@ def test_corrupt_samples_are_counted_and_not_fatal(tmp_path):
     first = [(st, u) for sh, st, u in zip(table["shard"], table["status"], table["uid"]) if sh.endswith("00000.tar")]
     assert first == [("ok", _uid(0)), ("corrupt_image", _uid(1)), ("ok", None), ("missing_image", None),
                      ("missing_caption", None), ("ok", _uid(5))]  # a bad json only loses the uid
-    # The cut shard yields what could be read (its last, partial sample lacks its caption).
+    # The cut shard is a bad shard and yields what could be read (its last, partial sample lacks its caption).
     assert stats["samples_in"] == 6 + 3 and stats["unreadable"] == {"corrupt_image": 1, "missing_caption": 2,
                                                                      "missing_image": 1}
     assert stats["kept"] == 5 and _accounted(stats)
-    assert [os.path.basename(p) for p in stats["bad_shards"]] == ["00002.tar"]
+    assert [os.path.basename(p) for p in stats["bad_shards"]] == ["00001.tar", "00002.tar"]  # cut, not a tar
     assert _kept_uids(out) == [_uid(0), None, _uid(5), _uid(10), _uid(11)]
 
 
