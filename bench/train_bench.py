@@ -9,6 +9,10 @@ step is the real `train_step` (frozen tower forward, projector + LLM forward/bac
 with the configured mesh and donated state. MFU uses oq2vl_jax/flops.py (the formula is documented
 there: 6N per LLM token, causal attention over the whole row once, the frozen tower's forward).
 Run it beside the PyTorch baseline (a script kept outside this repository) on the same GPU.
+
+model.arch qwen2_vl configs (e.g. configs/qwen2vl_sft.yaml) get rows of `images-per-row` samples of
+[vision start, image tokens, vision end, caption], each image a `--image-grid H W` patch grid (default
+32 32: a 448x448 image, 256 tokens), the row's patches packed into its patch row of data.max_patches.
 """
 
 from __future__ import annotations
@@ -55,6 +59,40 @@ def synthetic_rows(cfg, rows: int, images_per_row: int, seed: int = 0) -> dict:
     return out
 
 
+def synthetic_rows_qwen2_vl(cfg, rows: int, images_per_row: int, grid: tuple[int, int], seed: int = 0) -> dict:
+    """Packed Qwen2-VL rows as the qwen2vl_caption packer and Qwen2VLRowDecoder make them."""
+    from oq2vl_jax.data.qwen2_vl_images import pack_patch_row
+    from oq2vl_jax.models.mrope import rope_index
+
+    rng = np.random.default_rng(seed)
+    m, t, v = cfg.model, cfg.data.seq_len, cfg.model.qwen2_vl_vision
+    merge = v.spatial_merge_size
+    k = grid[0] * grid[1] // merge**2
+    p_row = cfg.data.max_patches or 4 * t
+    budget = int(t * 0.99) - images_per_row * (k + 2)
+    if budget < images_per_row * 3 or images_per_row * k * merge**2 > p_row:
+        raise SystemExit(f"{images_per_row} images of {k} tokens do not fit a {t}-token row / {p_row} patches")
+    out = {n: np.zeros((rows, t), np.int32) for n in ("input_ids", "segment_ids", "loss_mask")}
+    out["positions"] = np.zeros((rows, 3, t), np.int32)
+    patches = []
+    for r in range(rows):
+        caps = rng.multinomial(budget - images_per_row * 2, [1 / images_per_row] * images_per_row) + 2
+        start = 0
+        for s, cap in enumerate(caps):
+            ids = np.concatenate([[m.vision_start_token_id], np.full(k, m.image_token_id), [m.vision_end_token_id],
+                                  rng.integers(2, min(1000, m.text.vocab_size), cap)])
+            sl = slice(start, start + len(ids))
+            out["input_ids"][r, sl], out["segment_ids"][r, sl] = ids, s + 1
+            out["positions"][r, :, sl] = rope_index(ids, [grid], m.image_token_id, merge)[0]
+            out["loss_mask"][r, sl] = np.arange(len(ids)) >= k + 2
+            start += len(ids)
+        imgs = [(rng.normal(size=(grid[0] * grid[1], v.patch_dim)).astype(np.float32), grid)] * images_per_row
+        patches.append(pack_patch_row(imgs, p_row, merge))
+    out["patches"], out["patch_segment_ids"], out["patch_positions"] = (np.stack(x) for x in zip(*patches))
+    out["image_mask"] = np.arange(cfg.data.max_images)[None].repeat(rows, 0) < images_per_row
+    return out
+
+
 def compile_only(trainer, cfg, example) -> int:
     """Lowers and compiles the step for abstract inputs (nothing allocated) and prints XLA's
     per-device memory analysis: on a GPU, whether a config fits before allocating it. The CPU
@@ -62,7 +100,7 @@ def compile_only(trainer, cfg, example) -> int:
     shows the same temp size with and without it there), so CPU figures are far too high."""
     shardings = batch_shardings(trainer.mesh, example, True)
     batch = {k: jax.ShapeDtypeStruct(example[k].shape, example[k].dtype, sharding=shardings[k])
-             for k in MODEL_KEYS}
+             for k in MODEL_KEYS if k in example}
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
     mem = compiled.memory_analysis()
@@ -84,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows-per-device", type=int, default=2, help="rows per device per micro-batch")
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--images-per-row", type=int, default=22)
+    p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
+                   help="qwen2_vl: each image's patch grid (default 32 32 = 448x448 pixels)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
@@ -99,7 +139,11 @@ def main(argv=None) -> int:
     if cfg.data.max_images < args.images_per_row:  # the config's slots, the rest left empty as in real data
         cfg = load_config(args.config, overrides + [f"data.max_images={args.images_per_row}"])
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="train_bench_"))
-    local = synthetic_rows(cfg, rows, args.images_per_row)
+    qwen2_vl = cfg.model.arch == "qwen2_vl"
+    if qwen2_vl:
+        local = synthetic_rows_qwen2_vl(cfg, rows, args.images_per_row, tuple(args.image_grid))
+    else:
+        local = synthetic_rows(cfg, rows, args.images_per_row)
     example = {k: v.reshape((args.micro_batches, -1) + v.shape[1:]) for k, v in local.items()}
     if args.compile_only:
         return compile_only(trainer, cfg, example)
@@ -120,8 +164,10 @@ def main(argv=None) -> int:
     step_s = (time.perf_counter() - t0) / args.steps
 
     tokens = rows * cfg.data.seq_len
-    flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, rows * args.images_per_row,
-                             vision_trained=trainer.vision_trained)
+    # qwen2_vl counts the tower's work in patches (flops.py).
+    units = int(np.count_nonzero(local["patch_segment_ids"])) if qwen2_vl else rows * args.images_per_row
+    flops = train_step_flops(cfg.model, rows, cfg.data.seq_len, units, vision_trained=trainer.vision_trained,
+                             patch_row=cfg.data.max_patches or 4 * cfg.data.seq_len)
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     result = {

@@ -52,6 +52,9 @@ class DataConfig:
     pre_squash: Literal["none", "lanczos"] = "none"
     pad_as_target: bool = False
     original_image_offset: bool = False
+    # model.arch qwen2_vl: patches per row's patch row (0 = 4 * seq_len, room for any row; pack with
+    # --max-patches to use less).
+    max_patches: int = 0
 
     def __post_init__(self):
         if (self.global_batch_size < 1 or (self.seq_len is not None and self.seq_len < 2)
@@ -59,6 +62,8 @@ class DataConfig:
             raise ValueError("global_batch_size >= 1, seq_len >= 2 and max_images >= 0 are required")
         if self.sampler == "modality_length" and self.mode != "unpacked_sft":
             raise ValueError("sampler: modality_length orders unpacked SFT rows; it needs mode: unpacked_sft")
+        if self.max_patches < 0 or self.max_patches % 4:
+            raise ValueError(f"data.max_patches={self.max_patches} must be a multiple of 4 (0 = 4 * seq_len)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +71,7 @@ class PackSettings:
     """How `python -m oq2vl_jax.data.pack` builds rows; seq_len, image_tokens, image size, max_images
     and the tokenizer come from the data/model sections and `tokenizer`, as training reads them."""
 
-    mode: Literal["caption", "sft", "text", "interleaved"] = "caption"
+    mode: Literal["caption", "sft", "text", "interleaved", "qwen2vl_caption", "qwen2vl_sft"] = "caption"
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 95
     max_samples_per_row: int | None = None  # bounds segments for the cuDNN packed layout

@@ -13,6 +13,11 @@
 Counting attention over the whole row (not per packed sample) makes figures comparable with a
 baseline that runs plain causal attention over the row. MFU divides by the devices' peak:
 `train.peak_tflops` when set, else the bf16 dense tensor-core peak of the device kind (below).
+
+Qwen2-VL (model.arch qwen2_vl): `images` counts real patches instead, and the tower costs
+  vision   2 * N_vit_per_patch * patches + 2 * 2 * depth * P^2 * embed_dim per patch row of P
+           (x3 if trained; attention over the whole patch row, as for the LLM)
+  merger   2 * N_merger * patches / 4, x3 (trained)
 """
 
 from __future__ import annotations
@@ -58,11 +63,25 @@ def projector_flops_per_image(cfg: ModelConfig) -> float:
     return 2.0 * cfg.image_tokens * (d_v * d_t + d_t * d_t)
 
 
-def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vision_trained: bool = False) -> float:
+def train_step_flops(cfg: ModelConfig, rows: int, seq_len: int, images: int, vision_trained: bool = False,
+                     patch_row: int = 0) -> float:
+    """images: images in the step (qwen2_vl: real patches; patch_row: patches per patch row)."""
     t = cfg.text
     llm = 6.0 * llm_matmul_params(cfg) * rows * seq_len
     attn = 3.0 * 2.0 * t.num_hidden_layers * t.num_attention_heads * t.head_size * seq_len**2 * rows
+    if cfg.arch == "qwen2_vl":
+        return llm + attn + qwen2_vl_vision_flops(cfg, rows, images, patch_row, vision_trained)
     vision = vision_forward_flops_per_image(cfg) * images * (3.0 if vision_trained else 1.0)
     proj = 3.0 * projector_flops_per_image(cfg) * images
     return llm + attn + vision + proj
+
+
+def qwen2_vl_vision_flops(cfg: ModelConfig, rows: int, patches: int, patch_row: int, vision_trained: bool) -> float:
+    v = cfg.qwen2_vl_vision
+    d, hidden = v.embed_dim, v.embed_dim * v.mlp_ratio
+    per_patch = v.depth * (4 * d * d + 2 * d * hidden) + v.patch_dim * d
+    attn = 4.0 * v.depth * d * patch_row**2 * rows
+    wide = d * v.spatial_merge_size**2
+    merger = 2.0 * (wide * wide + wide * v.hidden_size) * patches / v.spatial_merge_size**2
+    return (2.0 * per_patch * patches + attn) * (3.0 if vision_trained else 1.0) + 3.0 * merger
 

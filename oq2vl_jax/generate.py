@@ -20,6 +20,7 @@ Prompt formats (docs/original_system.md §3-4):
            then the query in the same form without the answer
   raw      the prompt as given (its ``<image>`` tags must match the images)
 In caption and chat formats a prompt that already contains ``<image>`` tags is used as is.
+A model.arch qwen2_vl checkpoint generates through generate_qwen2_vl.py (formats caption, chat, raw).
 """
 
 from __future__ import annotations
@@ -513,15 +514,28 @@ def _main(p, args) -> int:
     tok_path = args.tokenizer or checkpoint.resolve_checkpoint_config(args.checkpoint).tokenizer
     if not tok_path:
         p.error(f"{args.checkpoint}/config.yaml names no tokenizer; pass --tokenizer")
-    tokenizer = load_tokenizer(tok_path)  # a broken folder is named before the model loads
+    run_cfg = checkpoint.resolve_checkpoint_config(args.checkpoint)
+    qwen2_vl = run_cfg.model.arch == "qwen2_vl"
+    if qwen2_vl:  # Qwen2-VL: its own tokenizer, images at their own resolution, M-RoPE
+        from oq2vl_jax import generate_qwen2_vl
+        from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer
+
+        if fmt not in generate_qwen2_vl.FORMATS:
+            p.error(f"--format {fmt} is not one of {generate_qwen2_vl.FORMATS} for a Qwen2-VL model")
+        tokenizer = load_qwen2_vl_tokenizer(tok_path)  # a broken folder is named before the model loads
+    else:
+        tokenizer = load_tokenizer(tok_path)  # a broken folder is named before the model loads
     t0 = time.perf_counter()
     model, cfg, step = load_checkpoint(args.checkpoint, args.step, dtype=args.dtype)
     print(f"loaded {args.checkpoint} step {step} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0]}",
           file=sys.stderr)
     stats = Stats()
-    outputs = generate(model, tokenizer, requests, fmt=fmt, system=args.system, shots=shots,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, batch_size=args.batch_size, stats=stats)
+    common = dict(fmt=fmt, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, stats=stats)
+    if qwen2_vl:
+        outputs = generate_qwen2_vl.generate(model, tokenizer, requests, **common)
+    else:
+        outputs = generate(model, tokenizer, requests, shots=shots, **common)
     for ids in outputs:
         text = tokenizer.decode(ids, skip_special_tokens=True)
         print(json.dumps({"token_ids": ids, "text": text}, ensure_ascii=False) if args.json else text, flush=True)

@@ -108,6 +108,17 @@ def for_pack(cfg: Config, out: str):
     p = cfg.pack
     seq_len = cfg.data.seq_len or PACK_DEFAULT_SEQ_LEN
     image_tokens = cfg.model.image_tokens or PACK_DEFAULT_IMAGE_TOKENS
+    qwen2vl = p.mode.startswith("qwen2vl")
+    if qwen2vl:  # each image's own token count, from its size
+        v = cfg.model.qwen2_vl_vision
+        try:
+            return PackConfig(
+                tokenizer=cfg.tokenizer, out=out, mode=p.mode, seq_len=seq_len, image_format=p.image_format,
+                jpeg_quality=p.jpeg_quality, max_images=cfg.data.max_images, max_samples=p.max_samples_per_row,
+                image_root=p.image_root, packing=p.packing, min_pixels=v.min_pixels, max_pixels=v.max_pixels,
+                max_patches=cfg.data.max_patches or None)
+        except ValueError as e:
+            raise ConfigError(f"pack: {e}") from None
     if p.mode != "text" and image_tokens + 3 > seq_len:
         raise ConfigError(f"data.seq_len={seq_len} cannot hold one image of model.image_tokens={image_tokens} "
                           f"(+ <s>, a text token and <|im_end|>): set data.seq_len >= {image_tokens + 3}")
@@ -180,7 +191,9 @@ def _derive_model(cfg: Config, stats: dict[str, dict]) -> Config:
 
     image_tokens = m.image_tokens
     packed_tokens = _agreed("image_tokens", {p: s.get("image_tokens") for p, s in imaged.items()})
-    if image_tokens is None:
+    if m.arch == "qwen2_vl":  # every image has its own token count; the markers are the tokenizer's
+        _check_qwen2_vl_tokens(cfg)
+    elif image_tokens is None:
         image_tokens = packed_tokens or init.get("image_tokens") or PACK_DEFAULT_IMAGE_TOKENS
     elif packed_tokens is not None and packed_tokens != image_tokens:
         path = next(p for p, s in imaged.items() if s.get("image_tokens") != image_tokens)
@@ -211,6 +224,21 @@ def _derive_model(cfg: Config, stats: dict[str, dict]) -> Config:
                                        max_segments=max_segments, text=dataclasses.replace(m.text, vocab_size=vocab)))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def _check_qwen2_vl_tokens(cfg: Config) -> None:
+    if not cfg.tokenizer:
+        return
+    from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer, qwen2_vl_ids
+
+    try:
+        ids = qwen2_vl_ids(load_qwen2_vl_tokenizer(cfg.tokenizer))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {cfg.tokenizer!r}: {e}") from None
+    m = cfg.model
+    for name, theirs in (("vision_start_token_id", ids.vision_start), ("vision_end_token_id", ids.vision_end)):
+        if getattr(m, name) != theirs:
+            raise ConfigError(f"model.{name}={getattr(m, name)} but the tokenizer {cfg.tokenizer!r} has {theirs}")
 
 
 def _derive_data(cfg: Config, stats: dict[str, dict]) -> Config:
@@ -248,11 +276,42 @@ def check_source(stats: dict, path: str, *, seq_len: int, image_size: int, max_i
         raise ValueError(f"{path}: data.mode='unpacked_sft' needs rows packed with pack.packing=none")
 
 
+def check_qwen2_vl_source(stats: dict, path: str, *, seq_len: int, max_images: int, max_patches: int, vision,
+                          unpacked: bool) -> None:
+    """check_source for model.arch qwen2_vl (vision: its Qwen2VLVisionConfig; None: an oq2vl model)."""
+    if vision is None:
+        raise ValueError(f"{path}: packed for Qwen2-VL (pack.mode {stats['mode']}); this model is arch oq2vl")
+    if stats["mode"] not in ("text", "qwen2vl_caption", "qwen2vl_sft"):
+        raise ValueError(f"{path}: packed with pack.mode {stats['mode']}; model.arch qwen2_vl reads qwen2vl_caption/"
+                         "qwen2vl_sft (or text) data")
+    if stats["seq_len"] != seq_len:
+        raise ValueError(f"{path}: packed with seq_len={stats['seq_len']}, data.seq_len={seq_len}")
+    if stats["mode"] != "text":
+        if (stats["min_pixels"], stats["max_pixels"]) != (vision.min_pixels, vision.max_pixels):
+            raise ValueError(f"{path}: images resized for min/max pixels {stats['min_pixels']}/{stats['max_pixels']}, "
+                             f"model.qwen2_vl_vision says {vision.min_pixels}/{vision.max_pixels}")
+        if stats["max_patches"] > max_patches:
+            raise ValueError(f"{path}: rows of up to {stats['max_patches']} patches (pack max_patches), "
+                             f"data.max_patches={max_patches}; raise it or repack")
+    if stats.get("max_images_in_row", 0) > max_images:
+        raise ValueError(f"{path}: has rows of {stats['max_images_in_row']} images, data.max_images={max_images}; "
+                         "raise data.max_images (or leave it unset)")
+    if unpacked and stats.get("packing") != "none":
+        raise ValueError(f"{path}: data.mode='unpacked_sft' needs rows packed with pack.packing=none")
+
+
 def _check_sources(cfg: Config, stats: dict[str, dict]) -> None:
     from oq2vl_jax.data.loader import PACK_SWITCHES, check_pack_switches
 
+    m = cfg.model
     for path, st in stats.items():
         try:
+            if m.arch == "qwen2_vl" or st["mode"].startswith("qwen2vl"):
+                check_qwen2_vl_source(st, path, seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
+                                      max_patches=cfg.data.max_patches or 4 * cfg.data.seq_len,
+                                      vision=m.qwen2_vl_vision if m.arch == "qwen2_vl" else None,
+                                      unpacked=cfg.data.mode == "unpacked_sft")
+                continue
             check_source(st, path, seq_len=cfg.data.seq_len, image_size=cfg.model.vision.image_size,
                          max_images=cfg.data.max_images, image_tokens=cfg.model.image_tokens,
                          unpacked=cfg.data.mode == "unpacked_sft")

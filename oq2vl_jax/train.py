@@ -61,11 +61,15 @@ def init_distributed() -> None:
 def loader_config(cfg: Config, rows_per_process: int, sources, shuffle: bool):
     from oq2vl_jax.data.loader import LoaderConfig
 
+    qwen2_vl = cfg.model.arch == "qwen2_vl"
     return LoaderConfig(
         sources=tuple(sources), batch_size=rows_per_process, seq_len=cfg.data.seq_len,
         max_images=cfg.data.max_images, image_size=cfg.model.vision.image_size, seed=cfg.data.seed,
         num_workers=cfg.data.num_workers, shuffle=shuffle, mode=cfg.data.mode, image_dtype=cfg.data.image_dtype,
         image_tokens=cfg.model.image_tokens, sampler=cfg.data.sampler, group_rows=cfg.train.loss_group_rows,
+        qwen2_vl=cfg.model.qwen2_vl_vision if qwen2_vl else None,
+        max_patches=(cfg.data.max_patches or 4 * cfg.data.seq_len) if qwen2_vl else 0,
+        image_token_id=cfg.model.image_token_id,
     )
 
 
@@ -82,7 +86,7 @@ def to_global(local: dict, shardings: dict, micro: int | None) -> dict:
     """Per-process numpy batch -> global jax arrays; with `micro`, rows are split into micro-batches."""
     out = {}
     n_proc = jax.process_count()
-    for k in MODEL_KEYS:
+    for k in shardings:
         x = np.asarray(local[k])
         if micro is not None:
             x = x.reshape((micro, x.shape[0] // micro) + x.shape[1:])
@@ -105,7 +109,8 @@ class Trainer:
         abs_flat = flat_params(abstract)
         self.param_shardings = {p: a.sharding for p, a in abs_flat.items()}
         abs_train, abs_frozen = split_params(abs_flat, cfg)
-        self.vision_trained = "vision_tower" in abs_train  # counts 3x (forward + backward) in MFU
+        # The tower counts 3x (forward + backward) in MFU when any of its blocks trains.
+        self.vision_trained = "vision_tower" in abs_train or "blocks" in abs_train.get("visual", {})
         self.tx = optimizer(cfg, abs_train)
         abs_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_train, "frozen": abs_frozen,
                      "opt_state": jax.eval_shape(self.tx.init, abs_train)}
@@ -212,7 +217,7 @@ class Trainer:
         parts = [next(data_iter) for _ in range(micro)]  # host work overlaps the step in flight
         local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if self._batch_shardings is None:
-            example = {k: np.asarray(local[k]) for k in MODEL_KEYS}
+            example = {k: np.asarray(local[k]) for k in MODEL_KEYS if k in local}
             example = {k: v.reshape((micro, v.shape[0] // micro) + v.shape[1:]) for k, v in example.items()}
             self._batch_shardings = batch_shardings(self.mesh, example, True)
         m = self.cfg.model
@@ -220,6 +225,8 @@ class Trainer:
             raise ConfigError(f"a row holds {int(local['segment_ids'].max())} samples > model.max_segments="
                               f"{m.segments}; raise it or pack fewer samples per row")
         n_images = int(np.asarray(local["image_mask"]).sum()) * jax.process_count()
+        if "patch_segment_ids" in local:  # qwen2_vl: the tower's work is counted in patches (flops.py)
+            n_images = int(np.count_nonzero(local["patch_segment_ids"])) * jax.process_count()
         return to_global(local, self._batch_shardings, micro), n_images, int(np.sum(local.get("corrupt", 0)))
 
     # ----- eval ------------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ class Trainer:
             if i >= cfg.train.eval_batches:
                 break
             if example is None:
-                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_KEYS}, False)
+                example = batch_shardings(self.mesh, {k: np.asarray(local[k]) for k in MODEL_KEYS if k in local}, False)
             out = jax.device_get(self.eval_step(state, to_global(local, example, None)))
             total, count = total + float(out["loss_sum"]), count + float(out["target_tokens"])
         return {"loss": total / max(count, 1.0), "target_tokens": count}
@@ -269,7 +276,8 @@ class StepLog:
             self.logger.advance()
             self.tokens += host["tokens"]
             self.flops += train_step_flops(cfg.model, cfg.data.global_batch_size, cfg.data.seq_len, n_images,
-                                           vision_trained=self.trainer.vision_trained)
+                                           vision_trained=self.trainer.vision_trained,
+                                           patch_row=cfg.data.max_patches or 4 * cfg.data.seq_len)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - self.start
                 host["tokens_per_s"] = self.tokens / elapsed

@@ -69,7 +69,8 @@ def batch_shardings(mesh, batch_example: dict, micro_axis: bool) -> dict:
             for k, v in batch_example.items()}
 
 
-MODEL_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "images")
+MODEL_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "images",
+              "patches", "patch_segment_ids", "patch_positions")  # the last three: model.arch qwen2_vl
 
 
 def make_steps(graphdef, cfg: Config, tx):

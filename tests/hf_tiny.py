@@ -64,3 +64,56 @@ def our_config(hf_vision=None, hf_text=None, image_tokens: int = 4, **overrides)
               dtype="float32", param_dtype="float32", vision_dtype="float32", remat="none")
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+# Qwen2-VL: a 2-block tower (head_dim 8) and a 2-layer decoder (head_dim 8: mrope_section sums to 4).
+QWEN2_VL_VISION = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2)
+QWEN2_VL_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                     bos_token_id=1, eos_token_id=99, pad_token_id=0)
+QWEN2_VL_IDS = dict(image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=101, vision_end_token_id=102)
+
+
+def hf_qwen2_vl(tie: bool = False, seed: int = 0, vocab_size: int = 128, ids: dict | None = None):
+    """ids: image/vision_start/vision_end token ids (default QWEN2_VL_IDS; a tokenizer's for converters)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ids = ids or QWEN2_VL_IDS
+    cfg = Qwen2VLConfig(vision_config=QWEN2_VL_VISION, text_config={**QWEN2_VL_TEXT, "vocab_size": vocab_size},
+                        tie_word_embeddings=tie, video_token_id=max(ids.values()) + 1, **ids)
+    cfg._attn_implementation = "eager"
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF inits biases (and LayerNorms) plainly; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+            elif "norm" in name or "ln_q" in name:
+                p.normal_(1, 0.3)
+    return model
+
+
+def our_qwen2_vl_config(hf, **overrides) -> ModelConfig:
+    """Our float32 ModelConfig (arch qwen2_vl) mirroring a HF Qwen2VLForConditionalGeneration."""
+    from oq2vl_jax.models import Qwen2VLVisionConfig
+
+    v, t = hf.config.vision_config, hf.config.text_config
+    vision = Qwen2VLVisionConfig(
+        depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, mlp_ratio=v.mlp_ratio,
+        num_heads=v.num_heads, in_channels=v.in_channels, patch_size=v.patch_size,
+        spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+        rope_theta=v.rope_parameters["rope_theta"],
+    )
+    text = TextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_parameters["rope_theta"], tie_word_embeddings=hf.config.tie_word_embeddings,
+        mrope_section=tuple(t.rope_parameters["mrope_section"]),
+    )
+    kw = dict(arch="qwen2_vl", qwen2_vl_vision=vision, text=text, dtype="float32", param_dtype="float32",
+              vision_dtype="float32", remat="none", **QWEN2_VL_IDS)
+    kw.update(overrides)
+    return ModelConfig(**kw)

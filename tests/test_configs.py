@@ -28,8 +28,25 @@ def test_config_loads_and_builds(path):
     model = dataclasses.replace(cfg.model, image_token_id=cfg.model.image_token_id or 0,
                                 text=dataclasses.replace(cfg.model.text, vocab_size=cfg.model.text.vocab_size or 512))
     n = _built_params(model)
-    if cfg.model.text.hidden_size == 1536:  # the full-size configs: Qwen2.5-1.5B + so400m + projector
+    if cfg.model.arch == "qwen2_vl" and cfg.model.text.hidden_size == 1536:  # Qwen2-VL-2B, counted by HF
+        assert n == _hf_qwen2_vl_2b_params()
+    elif cfg.model.text.hidden_size == 1536:  # the full-size configs: Qwen2.5-1.5B + so400m + projector
         assert n == 1_543_714_304 + 412_987_248 + 4_131_840
+
+
+def _hf_qwen2_vl_2b_params() -> int:
+    """Qwen2VLForConditionalGeneration at Qwen2-VL-2B's sizes, on the meta device (no memory)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2),
+        tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(cfg)
+    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
 
 
 def test_bad_keys_and_values_are_named():

@@ -48,3 +48,28 @@ def test_peak_flops_come_from_the_device_kind_unless_configured():
         assert peak_flops_per_device(kind, None) == tflops * 1e12, kind
     assert peak_flops_per_device("cpu", None) is None  # MFU is n/a rather than made up
     assert peak_flops_per_device("cpu", 0.5) == peak_flops_per_device("NVIDIA H100 80GB HBM3", 0.5) == 0.5e12
+
+
+def test_qwen2_vl_vision_flops_use_hf_qwen2_vl_weights():
+    """Per patch: the frozen ViT's matmul weights (Conv3d counted once: both frames are one image);
+    per merged token: the merger's; plus attention over the patch row."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from oq2vl_jax.flops import qwen2_vl_vision_flops
+    from oq2vl_jax.models import Qwen2VLVisionConfig, TextConfig
+
+    with torch.device("meta"):
+        hf = Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+            vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+            text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                             num_attention_heads=12, num_key_value_heads=2), tie_word_embeddings=True)).model.visual
+    cfg = ModelConfig(arch="qwen2_vl", qwen2_vl_vision=Qwen2VLVisionConfig(),
+                      text=TextConfig(vocab_size=151936, mrope_section=(16, 24, 24)))
+    blocks = sum(_matmul_params(b) for b in hf.blocks)
+    patch = hf.patch_embed.proj.weight.numel() // 2
+    merger = _matmul_params(hf.merger, skip=("ln_q", "bias"))
+    patches, row = 4096, 4096
+    expected = 2 * (blocks + patch) * patches + 4 * 32 * 1280 * row**2 + 3 * 2 * merger * patches / 4
+    assert qwen2_vl_vision_flops(cfg, 1, patches, row, vision_trained=False) == expected
+    assert train_step_flops(cfg, 1, 4096, patches, patch_row=row) == (
+        train_step_flops(cfg, 1, 4096, 0, patch_row=0) + expected)

@@ -6,6 +6,7 @@ DIR/shards/00000.tar ...   WebDataset shards: {key}.png + {key}.txt ("a red circ
 DIR/sft/sft.json           LLaVA-style conversations (images in DIR/sft/images/, a few text-only samples)
 DIR/text/text.jsonl        text-only documents ({"text": ...})
 DIR/tokenizer/             tiny Qwen2-style BPE tokenizer trained on all of the above
+DIR/tokenizer_qwen2vl/     the same with Qwen2-VL's vision tokens and chat template
 
     python -m oq2vl_jax.data.demo --sft-from 'DIR/shards/{00000..00013}.tar' --out QA_DIR [--seed 0]
 
@@ -127,6 +128,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_demo(out: str, num_samples: int = 512, image_size: int = 64, shard_size: int = 128,
                seed: int = 0, vocab_size: int = 512) -> dict:
+    from oq2vl_jax.data.qwen2_vl_text import build_tiny_qwen2_vl_tokenizer
     from oq2vl_jax.data.tokenizer import build_tiny_tokenizer
 
     rng = np.random.default_rng(seed)
@@ -178,6 +180,9 @@ def write_demo(out: str, num_samples: int = 512, image_size: int = 64, shard_siz
     # The chat scaffolding too, so SFT rows are not spelled out byte by byte.
     texts += ["system\nYou are a helpful assistant.", "user\n", "assistant\n"] * 50
     tok = build_tiny_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size=vocab_size)
+    # The same vocabulary plus Qwen2-VL's <|vision_start|>/<|vision_end|> and chat template
+    # (configs/qwen2vl_tiny.yaml).
+    build_tiny_qwen2_vl_tokenizer(texts, os.path.join(out, "tokenizer_qwen2vl"), vocab_size=vocab_size)
     return {"shards": shard_paths, "sft": len(sft), "text": num_samples, "tokenizer_len": len(tok)}
 
 

@@ -19,6 +19,9 @@ Batches (B = batch_size per process, L = seq_len, M = max_images):
 Images fill the slots in placeholder order, so slot j feeds the j-th run of image-pad tokens of the row.
 The train iterator's state names the data it indexes (batch, processes, seed, sources and their files
 and rows); restoring it into a loader built differently is refused.
+With `qwen2_vl` set (model.arch qwen2_vl) rows decode by qwen2_vl_rows.Qwen2VLRowDecoder instead:
+positions int32[B, 3, L], patches float32[B, P, 588], patch_segment_ids int32[B, P], patch_positions
+int32[B, P, 2] (P = max_patches) in place of images/image_segment_ids.
 """
 from __future__ import annotations
 
@@ -61,6 +64,10 @@ class LoaderConfig:
     # global batch one modality, length-grouped into parts of `group_rows` rows; sampler.py).
     sampler: str = "shuffle"
     group_rows: int = 2  # the original's per-GPU batch: the parts rows are length-grouped into
+    # Qwen2-VL: its vision config (resize bounds), patches per row and image placeholder id.
+    qwen2_vl: object | None = None
+    max_patches: int = 0
+    image_token_id: int = 0
 
     def __post_init__(self):
         if self.image_dtype not in ("float32", "uint8"):
@@ -111,14 +118,29 @@ def pack_stats(path: str) -> dict | None:
     return None
 
 
+def row_decoder(cfg: LoaderConfig):
+    """The Grain map that decodes this loader's rows."""
+    one = cfg.mode == "unpacked_sft"
+    if cfg.qwen2_vl is not None:
+        from oq2vl_jax.data.qwen2_vl_rows import Qwen2VLRowDecoder
+
+        return Qwen2VLRowDecoder(cfg.seq_len, cfg.max_images, cfg.max_patches, cfg.qwen2_vl, cfg.image_token_id, one)
+    return RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, one, cfg.image_dtype)
+
+
 def _check_source(cfg: LoaderConfig, path: str) -> None:
     """Fails early with a clear message when packing settings and loader settings disagree."""
-    from oq2vl_jax.resolve import check_source
+    from oq2vl_jax.resolve import check_qwen2_vl_source, check_source
 
     st = pack_stats(path)
-    if st is not None:
-        check_source(st, path, seq_len=cfg.seq_len, image_size=cfg.image_size, max_images=cfg.max_images,
-                     image_tokens=cfg.image_tokens, unpacked=cfg.mode == "unpacked_sft")
+    if st is None:
+        return
+    if cfg.qwen2_vl is not None or st["mode"].startswith("qwen2vl"):
+        check_qwen2_vl_source(st, path, seq_len=cfg.seq_len, max_images=cfg.max_images, max_patches=cfg.max_patches,
+                              vision=cfg.qwen2_vl, unpacked=cfg.mode == "unpacked_sft")
+        return
+    check_source(st, path, seq_len=cfg.seq_len, image_size=cfg.image_size, max_images=cfg.max_images,
+                 image_tokens=cfg.image_tokens, unpacked=cfg.mode == "unpacked_sft")
 
 
 # Pack-time switches that the data config names too (config.DataConfig); see README "Fidelity".
@@ -340,7 +362,7 @@ def make_train_dataset(cfg: LoaderConfig, *, process_index=None, process_count=N
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     if pc > 1:
         ds = grain.MapDataset.range(len(ds) // pc).map(_ProcessRows(cfg.batch_size, pi, pc)).map(_Take(ds))
-    return ds.map(RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype))
+    return ds.map(row_decoder(cfg))
 
 
 def data_layout(cfg: LoaderConfig, process_index: int, process_count: int, opened=None) -> dict:
@@ -416,7 +438,7 @@ def make_eval_iterator(cfg: LoaderConfig, *, process_index=None, process_count=N
     total = len(ds)
     per_process = -(-total // pc)
     n_batches = -(-per_process // cfg.batch_size)
-    decoder = RowDecoder(cfg.seq_len, cfg.max_images, cfg.image_size, cfg.mode == "unpacked_sft", cfg.image_dtype)
+    decoder = row_decoder(cfg)
     mine = ds[pi::pc]
     empty = decoder.empty(pad_id)
 

@@ -22,6 +22,12 @@ disk and loader read bandwidth. ``--image-format png`` stores the resized pixels
 with the original's transform.
 
 Every input sample is either packed into exactly one row or counted in ``skipped`` with its reason.
+
+Qwen2-VL (``--mode qwen2vl_caption`` / ``qwen2vl_sft``, a Qwen2-VL tokenizer): each image is stored
+resized as Qwen2-VL's processor resizes it (``--min-pixels``/``--max-pixels``), and a sample's length
+counts its images' own token numbers ((h/28)(w/28) each, plus the vision start/end markers). Rows are
+packed with a second bound, ``--max-patches`` per row (4 per image token; default 4 * seq_len), so the
+loader's fixed patch rows always fit.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from oq2vl_jax.data import transforms
 from oq2vl_jax.data.records import assemble_row, encode_row, fill_slack_as_target
 from oq2vl_jax.data.samples import SampleBuilder, SampleError, Tokens, count_image_tags
 
-MODES = ("caption", "sft", "text", "interleaved")
+MODES = ("caption", "sft", "text", "interleaved", "qwen2vl_caption", "qwen2vl_sft")
 # The original's packer drops interleaved documents with 10 or more images.
 MAX_DOC_IMAGES = 9
 # Beside each unit's rows: int32 [rows, 2] = (real tokens, images) per row, in row order.
@@ -80,6 +86,22 @@ class PackConfig:
     # FFD runs over at most this many samples at a time (bounds memory for one huge input file, e.g.
     # a 10M-conversation SFT json); a shard under it is packed whole, as the original.
     max_samples_in_memory: int = 50_000
+    # Qwen2-VL modes only: the processor's resize bounds and the per-row patch budget.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    max_patches: int | None = None  # None: 4 * seq_len (every row's images fit)
+
+    @property
+    def qwen2vl(self) -> bool:
+        return self.mode.startswith("qwen2vl")
+
+    def qwen2vl_vision(self):
+        from oq2vl_jax.models.config import Qwen2VLVisionConfig
+
+        return Qwen2VLVisionConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def resolved_max_patches(self) -> int:
+        return self.max_patches if self.max_patches is not None else 4 * self.seq_len
 
     def __post_init__(self):  # named at once, not after the first shard has been read
         for name, allowed in (("mode", MODES), ("packing", ("ffd", "none")), ("image_format", ("jpeg", "png")),
@@ -87,7 +109,8 @@ class PackConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 1), ("image_tokens", 1), ("image_size", 1), ("max_images", 0),
-                          ("max_samples", 1), ("max_samples_in_memory", 1)):
+                          ("max_samples", 1), ("max_samples_in_memory", 1), ("min_pixels", 1), ("max_pixels", 1),
+                          ("max_patches", 4)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be >= {low}, got {v}")
@@ -98,12 +121,18 @@ class PackConfig:
             raise ValueError("pad_as_target needs packing='ffd' (the slack is one more segment of the row)")
         if self.pad_as_target and self.max_samples is not None and self.max_samples < 2:
             raise ValueError("pad_as_target needs max_samples >= 2 (the slack takes one segment)")
+        if self.qwen2vl:
+            if self.truncate:
+                raise ValueError("truncate is not supported for the qwen2vl modes")
+            self.qwen2vl_vision()  # checks min_pixels <= max_pixels
 
     def resolved_max_images(self) -> int:
         if self.mode == "text":
             return 0
         if self.max_images is not None:
             return self.max_images
+        if self.qwen2vl:  # an image is at least vision start, one token, vision end
+            return self.seq_len // 5
         # An image-bearing sample needs K image slots plus at least <s>, one text token and <|im_end|>.
         return self.seq_len // (self.image_tokens + 3)
 
@@ -114,6 +143,11 @@ class PackConfig:
         d["tokenizer"] = _tokenizer_hash(self.tokenizer)
         d["max_images"] = self.resolved_max_images()
         d["stats_version"] = STATS_VERSION
+        if self.qwen2vl:
+            d["max_patches"] = self.resolved_max_patches()
+        else:  # fields the other modes never had: their done units stay done
+            for k in ("min_pixels", "max_pixels", "max_patches"):
+                d.pop(k)
         return d
 
 
@@ -163,7 +197,12 @@ _BUILDERS: dict = {}
 
 
 def _builder(cfg: PackConfig) -> SampleBuilder:
-    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset, cfg.pad_as_target)
+    key = (cfg.tokenizer, cfg.image_tokens, cfg.sft_template, cfg.original_image_offset, cfg.pad_as_target,
+           cfg.qwen2vl)
+    if key not in _BUILDERS and cfg.qwen2vl:
+        from oq2vl_jax.data.qwen2_vl_samples import Qwen2VLSampleBuilder
+        from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer
+        _BUILDERS[key] = Qwen2VLSampleBuilder(load_qwen2_vl_tokenizer(cfg.tokenizer))
     if key not in _BUILDERS:  # one tokenizer load per worker process
         from oq2vl_jax.data.tokenizer import add_pkl_pad, load_tokenizer
         tok = load_tokenizer(cfg.tokenizer)
@@ -196,6 +235,8 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
         if not cfg.truncate:
             raise SampleError("too_long", f"{len(tokens.input_ids)} tokens > seq_len {cfg.seq_len}")
         tokens = _truncate(cfg, tokens, b.ids.image)
+    if cfg.qwen2vl and 4 * int(np.sum(tokens.input_ids == b.ids.image)) > cfg.resolved_max_patches():
+        raise SampleError("too_many_patches", f"images of more than max_patches {cfg.resolved_max_patches()} patches")
     if tokens.num_images > cfg.resolved_max_images():
         raise SampleError("too_many_images", f"{tokens.num_images} > max_images {cfg.resolved_max_images()}")
     return tokens
@@ -204,6 +245,8 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
 def _iter_samples(cfg: PackConfig, path: str):
     """Yields (key, tokens, encoded images) or (key, SampleError) for one input file; sets errors."""
     b = _builder(cfg)
+    if cfg.qwen2vl:
+        return (yield from _iter_qwen2vl(cfg, b, path))
     if cfg.mode == "caption":
         tar = readers.iter_tar(path)  # streamed: a shard is never held whole
         while True:
@@ -296,6 +339,60 @@ def _iter_interleaved(cfg: PackConfig, b: SampleBuilder, path: str):
     return errors[0] if errors else None
 
 
+def _iter_qwen2vl(cfg: PackConfig, b, path: str):
+    """_iter_samples for the Qwen2-VL modes: images resized first, their token counts set the text."""
+    from oq2vl_jax.data.qwen2_vl_images import prepare_image
+
+    vcfg = cfg.qwen2vl_vision()
+
+    def prepared(data):
+        enc, (gh, gw) = prepare_image(data, vcfg, cfg.image_format, cfg.jpeg_quality)
+        return enc, gh * gw // vcfg.spatial_merge_size**2
+
+    if cfg.mode == "qwen2vl_caption":
+        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
+        while True:
+            try:
+                key, files = next(tar)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                image, caption = readers.caption_from_files(files)
+                enc, n = prepared(image)
+                yield key, _fit(cfg, b, b.caption(caption, n)), [enc]
+            except SampleError as e:
+                yield key, e
+    raw, err = readers.read_json_records(path)
+    root = cfg.image_root or os.path.dirname(os.path.abspath(path))
+    for key, entry in raw:
+        try:
+            if isinstance(entry, SampleError):
+                raise entry
+            if not isinstance(entry, dict):
+                raise SampleError("bad_conversation", "sample is not a json object")
+            key = str(entry.get("id", key))
+            paths = entry.get("image") or []
+            paths = [paths] if isinstance(paths, str) else paths
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
+                raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
+                                                     f"{json.dumps(entry.get('image'))[:80]}")
+            turns = entry.get("conversations")
+            if count_image_tags(turns) != len(paths):
+                raise SampleError("image_tag_mismatch", f"{count_image_tags(turns)} <image> tags vs {len(paths)} images")
+            images = []
+            for rel in paths:
+                try:
+                    with open(os.path.join(root, rel), "rb") as f:
+                        images.append(prepared(f.read()))
+                except OSError as e:
+                    raise SampleError("missing_image", f"{rel}: {e}") from None
+            tokens = _fit(cfg, b, b.conversation(turns, [n for _, n in images]))
+            yield key, tokens, [enc for enc, _ in images]
+        except SampleError as e:
+            yield key, e
+    return err
+
+
 def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
     """Builds, packs and writes one unit; returns its stats (reused from disk if already done)."""
     rows_path = os.path.join(cfg.out, unit.name + ".array_record")
@@ -335,7 +432,12 @@ def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
         cfg.max_samples_in_memory however large one input file is (FFD runs per batch of samples)."""
         nonlocal writer, max_img_row, max_seg_row
         lengths = [len(t.input_ids) for _, t, _ in kept]
-        if cfg.packing == "ffd":
+        if cfg.packing == "ffd" and cfg.qwen2vl:  # the second bound: patches per row (4 per image token)
+            image_id = _builder(cfg).ids.image
+            patches = [4 * int(np.sum(t.input_ids == image_id)) for _, t, _ in kept]
+            bins = first_fit_decreasing(lengths, cfg.seq_len, patches, cfg.resolved_max_patches(),
+                                        max_items=cfg.max_samples)
+        elif cfg.packing == "ffd":
             max_items = cfg.max_samples - 1 if cfg.pad_as_target and cfg.max_samples else cfg.max_samples
             bins = first_fit_decreasing(lengths, cfg.seq_len, [t.num_images for _, t, _ in kept],
                                         cfg.resolved_max_images(), max_items=max_items)
@@ -437,6 +539,8 @@ def summarize(cfg: PackConfig, unit_stats: list[dict], token_ids: dict | None = 
         "mode": cfg.mode, "seq_len": cfg.seq_len, "image_tokens": cfg.image_tokens,
         "image_size": cfg.image_size, "image_format": cfg.image_format, "max_images": fp["max_images"],
         "packing": cfg.packing, "config": fp, "tokenizer": token_ids or {},
+        **({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_patches": fp["max_patches"]}
+           if cfg.qwen2vl else {}),
         "samples_in": sum(s["samples_in"] for s in unit_stats),
         "samples_packed": sum(s["samples_packed"] for s in unit_stats),
         "skipped": dict(sorted(skipped.items())), "rows": rows, "real_tokens": real,
@@ -495,9 +599,14 @@ def run(cfg: PackConfig, inputs: list[str], window: int = 1, workers: int = 1, l
 def _run(cfg: PackConfig, inputs: list[str], window: int, workers: int, log) -> dict:
     from oq2vl_jax.data.tokenizer import load_tokenizer, special_ids
 
-    ids = special_ids(load_tokenizer(cfg.tokenizer))  # recorded so training can derive them from the data
-    token_ids = {"image_token_id": ids.image, "vocab_len": ids.vocab_len, "bos": ids.bos, "eos": ids.eos,
-                 "pad": ids.pad}
+    if cfg.qwen2vl:  # Qwen2-VL's tokenizer as it ships
+        q = _builder(cfg).ids
+        token_ids = {"image_token_id": q.image, "vocab_len": q.vocab_len, "vision_start": q.vision_start,
+                     "vision_end": q.vision_end, "eos": q.im_end, "pad": q.pad}
+    else:
+        ids = special_ids(load_tokenizer(cfg.tokenizer))  # recorded so training can derive them from the data
+        token_ids = {"image_token_id": ids.image, "vocab_len": ids.vocab_len, "bos": ids.bos, "eos": ids.eos,
+                     "pad": ids.pad}
     units = make_units(inputs, window)
     jobs = [(cfg, u) for u in units]
     t0 = time.perf_counter()
@@ -590,6 +699,12 @@ def main(argv=None) -> int:
                    help="fill each row's slack with <|pad|> tokens trained on, as the original pickle path")
     f.add_argument("--original-image-offset", action="store_const", const=True,
                    help="SFT: drop the token after <image> in a turn starting with <s> (tokenizer_image_token)")
+    g.add_argument("--min-pixels", type=int, help="qwen2vl modes: resize lower bound, an area "
+                                                  "(model.qwen2_vl_vision.min_pixels; default 56*56)")
+    g.add_argument("--max-pixels", type=int, help="qwen2vl modes: resize upper bound "
+                                                  "(model.qwen2_vl_vision.max_pixels; default 28*28*1280)")
+    g.add_argument("--max-patches", type=int, help="qwen2vl modes: patches per row (data.max_patches; "
+                                                   "default 4 * seq_len)")
     a = p.parse_args(argv)
 
     def body():

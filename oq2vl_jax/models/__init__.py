@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oq2vl_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from oq2vl_jax.models.config import ModelConfig, Qwen2VLVisionConfig, TextConfig, VisionConfig
+from oq2vl_jax.models.qwen2_vl import Qwen2VL
 from oq2vl_jax.models.vlm import OQ2VL
 from oq2vl_jax.models.weights import hf_to_ours
 from oq2vl_jax.sharding import state_shardings, use_mesh
@@ -20,12 +21,12 @@ from oq2vl_jax.treepaths import dotted
 # eager sharding would demand a mesh context even for plain single-device models.
 nnx.use_eager_sharding(False)
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "OQ2VL", "ARCHS", "model_class", "build", "build_abstract",
-           "build_sharded", "flat_params", "assign_params", "count_params", "load_hf"]
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "Qwen2VLVisionConfig", "OQ2VL", "Qwen2VL", "ARCHS", "model_class", "build", "build_abstract",
+           "build_sharded", "build_from_hf", "flat_params", "assign_params", "count_params", "load_hf"]
 
 
 # model.arch -> the model class; each takes (cfg, rngs=) and shares the batch layout of models/vlm.py.
-ARCHS = {"oq2vl": OQ2VL}
+ARCHS = {"oq2vl": OQ2VL, "qwen2_vl": Qwen2VL}
 
 
 def model_class(cfg: ModelConfig):
@@ -90,6 +91,24 @@ def load_hf(model: OQ2VL, **components: Mapping[str, np.ndarray]) -> None:
     tie = model.cfg.text.tie_word_embeddings
     for component, sd in components.items():
         assign_params(model, hf_to_ours(component, sd, params, tie_word_embeddings=tie))
+
+
+def build_from_hf(cfg: ModelConfig, **components: Mapping[str, np.ndarray]):
+    """A model whose every parameter comes from the given HF state dicts (see load_hf), built
+    without a random initialisation (nothing to compile or compute for it)."""
+    from oq2vl_jax.models.weights import WeightError
+
+    graphdef, abstract = build_abstract(cfg)
+    params = flat_params(abstract)
+    flat = {}
+    for component, sd in components.items():
+        flat.update(hf_to_ours(component, sd, params, tie_word_embeddings=cfg.text.tie_word_embeddings))
+    missing = sorted(".".join(map(str, p)) for p in params.keys() - flat.keys())
+    if missing:
+        raise WeightError(f"no HF tensor for {len(missing)} parameter(s), e.g. {', '.join(missing[:5])}")
+    for path, var in nnx.to_flat_state(abstract):
+        var.set_value(jnp.asarray(flat[path], dtype=var.get_value().dtype))
+    return nnx.merge(graphdef, abstract)
 
 
 def count_params(model_or_state) -> int:

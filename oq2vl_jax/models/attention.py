@@ -166,7 +166,10 @@ def attention(
     """Scaled dot-product attention (scale 1/sqrt(head_dim)) with optional segment isolation."""
     scale = q.shape[-1] ** -0.5
     ref = functools.partial(_reference, causal=causal, cross_segment=cross_segment, scale=scale)
-    if impl == "cudnn":
+    if impl == "cudnn" and segment_ids is not None and not causal:
+        # Packed patch rows of a vision tower (Qwen2-VL): no cuDNN path written for them yet.
+        _warn_fallback("non-causal attention with segment ids (packed image patches) has no cuDNN path here")
+    elif impl == "cudnn":
         packed = segment_ids is not None and causal and not cross_segment
         reason = _cudnn_unavailable_reason(jnp.dtype(q.dtype).name, packed)
         if reason is None:

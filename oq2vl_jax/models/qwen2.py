@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from oq2vl_jax.models import cache as kv_cache
@@ -21,11 +22,20 @@ from oq2vl_jax.models.layers import RMSNorm, linear
 from oq2vl_jax.sharding import constrain
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """x: [B, T, N, H]; positions: int [B, T]. cos/sin in float32, cast to x's dtype as HF does."""
+def rope(x: jax.Array, positions: jax.Array, theta: float, mrope_section=None) -> jax.Array:
+    """x: [B, T, N, H]; positions: int [B, T], or [3, B, T] with `mrope_section` (M-RoPE: frequency
+    pair j turns by the temporal, height or width position, the first mrope_section[0] pairs by the
+    temporal one, and so on, as HF Qwen2-VL). cos/sin in float32, cast to x's dtype as HF does."""
     h = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    if mrope_section is not None:
+        if positions.ndim == 2:  # text tokens (e.g. decoding): the same position on all three rows
+            positions = jnp.broadcast_to(positions, (3,) + positions.shape)
+        rows = np.repeat(np.arange(3), mrope_section)  # [H/2]: which position row drives pair j
+        positions = jnp.moveaxis(positions[rows], 0, -1)  # [B, T, H/2]
+        freqs = positions.astype(jnp.float32) * inv_freq
+    else:
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x1, x2 = x[..., : h // 2], x[..., h // 2 :]
@@ -43,6 +53,7 @@ class Qwen2Attention(nnx.Module):
         self.o_proj = linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.rope_theta = cfg.rope_theta
+        self.mrope_section = cfg.mrope_section
         self.attn = attn  # impl / cross_segment / max_segments
 
     def _qkv(self, x, positions):
@@ -50,7 +61,8 @@ class Qwen2Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+        q = rope(q, positions, self.rope_theta, self.mrope_section)
+        return q, rope(k, positions, self.rope_theta, self.mrope_section), v
 
     def __call__(self, x, positions, segment_ids):
         q, k, v = self._qkv(x, positions)
@@ -149,19 +161,22 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def hidden_states(self, inputs_embeds, positions=None, segment_ids=None):
-        """Final normed hidden states. Positions default to 0..T-1, segments to one per row."""
+        """Final normed hidden states. Positions ([B, T], or [3, B, T] with M-RoPE) default to 0..T-1,
+        segments to one per row."""
         b, t = inputs_embeds.shape[:2]
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None or self.cross_segment:
             # The original never reset positions inside a packed row.
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if self.cfg.mrope_section is not None:  # M-RoPE: text-only positions, the same on all 3 rows
+                positions = jnp.broadcast_to(positions, (3, b, t))
         return self.model(inputs_embeds, positions, segment_ids)
 
     def hidden_states_cached(self, inputs_embeds, positions, valid, cache: kv_cache.KVCache):
         """Incremental forward: T new tokens per row (prefill or one decode step) against the cache.
 
-        positions int [B, T] are the tokens' RoPE positions; valid bool [B, T] is False for padding,
+        positions int [B, T] ([3, B, T] with M-RoPE) are the tokens' RoPE positions; valid bool [B, T] is False for padding,
         which no later token attends to. Returns (final normed hidden states [B, T, D], new cache)."""
         slot_mask, mask = cache.attention_mask(valid)
         x, ks, vs = inputs_embeds, [], []

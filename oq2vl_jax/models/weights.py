@@ -19,12 +19,14 @@ from oq2vl_jax.treepaths import dotted, parse
 
 # Our top-level component -> the HF model class whose state dict it holds.
 VISION, PROJECTOR, LLM = "vision_tower", "multi_modal_projector", "language_model"
+QWEN2_VL_VISION = "visual"  # Qwen2-VL's tower with its merger (HF `model.visual`)
 
 # HF keys that are buffers or parts we don't model; skipped on import.
 _IGNORED = {
     VISION: re.compile(r"^(head\.|text_model\.|logit_scale|logit_bias|.*position_ids$)"),
     LLM: re.compile(r"(rotary_emb\.inv_freq$)"),
     PROJECTOR: re.compile(r"$^"),
+    QWEN2_VL_VISION: re.compile(r"$^"),
 }
 
 
@@ -97,6 +99,8 @@ def _to_ours(value: np.ndarray, leaf: str, ndim: int) -> np.ndarray:
         return value.T
     if leaf == "kernel" and ndim == 4:  # torch Conv2d OIHW -> flax HWIO
         return value.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and ndim == 5:  # torch Conv3d OITHW -> THWIO
+        return value.transpose(2, 3, 4, 1, 0)
     return value
 
 
@@ -105,6 +109,8 @@ def _to_hf(value: np.ndarray, leaf: str) -> np.ndarray:
         return value.T
     if leaf == "kernel" and value.ndim == 4:
         return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and value.ndim == 5:
+        return value.transpose(4, 3, 0, 1, 2)
     return value
 
 
@@ -151,4 +157,29 @@ def ours_to_hf(component: str, params: Mapping[tuple, np.ndarray]) -> dict[str, 
         leaf = path[-1]
         hf_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
         out[dotted(path[1:-1] + (hf_leaf,))] = _to_hf(np.asarray(value), leaf)
+    return out
+
+
+def split_qwen2_vl(sd: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A Qwen2VLForConditionalGeneration state dict -> {"visual": tower keys, "language_model":
+    Qwen2ForCausalLM keys}. Takes transformers 5's layout (`model.visual.`, `model.language_model.`)
+    and the hub checkpoints' older one (`visual.`, `model.`)."""
+    parts: dict[str, dict[str, np.ndarray]] = {QWEN2_VL_VISION: {}, LLM: {}}
+    for k, v in sd.items():
+        if k.startswith(("model.visual.", "visual.")):
+            parts[QWEN2_VL_VISION][k.split("visual.", 1)[1]] = v
+        elif k.startswith("model.language_model."):
+            parts[LLM]["model." + k.removeprefix("model.language_model.")] = v
+        elif k.startswith("model.") or k == "lm_head.weight":
+            parts[LLM][k] = v
+        else:
+            raise WeightError(f"unexpected tensor {k!r} in a Qwen2-VL state dict")
+    return parts
+
+
+def qwen2_vl_to_hf(params: Mapping[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our Qwen2VL parameters -> a transformers 5 Qwen2VLForConditionalGeneration state dict."""
+    out = {"model.visual." + k: v for k, v in ours_to_hf(QWEN2_VL_VISION, params).items()}
+    for k, v in ours_to_hf(LLM, params).items():
+        out[k if k == "lm_head.weight" else "model.language_model." + k.removeprefix("model.")] = v
     return out

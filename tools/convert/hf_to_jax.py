@@ -9,8 +9,13 @@
         --image-tokens 729 --out checkpoints/open-qwen2vl
 
     python tools/convert/hf_to_jax.py --siglip hf/siglip-so400m-patch14-384 --out checkpoints/siglip-pair
+    python tools/convert/hf_to_jax.py --qwen2-vl hf/Qwen2-VL-2B-Instruct --out checkpoints/qwen2-vl-2b
 
 (All paths are local directories/files; nothing is downloaded.)
+
+--qwen2-vl: a HF Qwen2VLForConditionalGeneration directory (config, tokenizer, weights; its
+preprocessor_config.json's min/max pixels when present) -> a model.arch qwen2_vl checkpoint, the
+tokenizer kept as it ships. Takes the place of --vision/--llm.
 
 Writes DIR/config.yaml (a full run Config whose model section comes from the HF configs, and
 `tokenizer: tokenizer`, resolved against DIR by checkpoint.resolve_checkpoint_config), DIR/tokenizer
@@ -62,7 +67,7 @@ from oq2vl_jax.config import Config
 from oq2vl_jax.hf_io import LazyTensors, read_model_dir, read_torch, read_weights_file, torch_tensors, torch_linear_init
 from oq2vl_jax.models import ModelConfig, TextConfig, VisionConfig, build_abstract, flat_params
 from oq2vl_jax.models.layers import dtype_of
-from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, hf_to_ours
+from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, hf_to_ours, split_qwen2_vl
 
 VISION_ACTS = ("gelu", "gelu_pytorch_tanh")
 DTYPES = ("float32", "bfloat16")
@@ -393,6 +398,7 @@ def parse_args(argv=None):
     p.add_argument("--llm", help="HF Qwen2 dir (config, tokenizer, weights); or use --llava")
     p.add_argument("--llava", help="a LLaVA(-Unified) Qwen2 checkpoint dir (e.g. mlm-filter-qwen2.5-1.5b-gpt4o): "
                    "LLM, projector and tokenizer; its SigLIP tower comes from --vision")
+    p.add_argument("--qwen2-vl", help="HF Qwen2-VL dir (alone, instead of --vision/--llm)")
     p.add_argument("--oq-checkpoint", help="Open-Qwen2VL / prismatic latest-checkpoint.pt")
     p.add_argument("--image-tokens", type=int, help="image tokens after pooling (144, 729, ...; default: the "
                    "--oq-checkpoint run's arch_specifier, else 144)")
@@ -408,6 +414,10 @@ def parse_args(argv=None):
     p.add_argument("--projector-act", choices=VISION_ACTS, default="gelu", help="projector GELU (original: gelu)")
     p.add_argument("--projector-seed", type=int, help="seed of a fresh projector (default: vision hidden size)")
     args = p.parse_args(argv)
+    if args.qwen2_vl is not None:
+        if args.vision or args.llm or args.llava or args.oq_checkpoint or args.siglip:
+            p.error("--qwen2-vl converts a Qwen2-VL alone (with --out, optionally --dtype/--tokenizer)")
+        return args
     if args.siglip:
         if args.vision or args.llm or args.llava or args.oq_checkpoint:
             p.error("--siglip converts a SigLIP alone (with --out, optionally --dtype)")
@@ -421,6 +431,46 @@ def parse_args(argv=None):
     return args
 
 
+def _save(out: str, model_cfg: ModelConfig, tok, flat: dict) -> None:
+    """Tokenizer, config, then the weights (called once everything is validated)."""
+    tok.save_pretrained(os.path.join(out, "tokenizer"))
+    checkpoint.save_config(out, Config(model=model_cfg, tokenizer="tokenizer"))
+    # Orbax deep-copies numpy leaves and writes them all at once; jax arrays are written with a bound
+    # on the bytes in flight, so the save adds ~1 GB to the one copy of the weights made above.
+    mngr = checkpoint.make_manager(out, async_save=False, save_concurrent_gb=1)
+    checkpoint.save(mngr, 0, params=checkpoint.nest(flat))
+    mngr.wait_until_finished()
+    mngr.close()
+    integrity.write_manifest(os.path.join(checkpoint.checkpoint_dir(out), "0"))  # readers verify it
+
+
+def convert_qwen2_vl(args, out: str) -> str:
+    from qwen2_vl_hf import read_config
+
+    from oq2vl_jax.data.qwen2_vl_text import load_qwen2_vl_tokenizer, qwen2_vl_ids
+
+    model_cfg = read_config(args.qwen2_vl)
+    tok = load_qwen2_vl_tokenizer(args.tokenizer or args.qwen2_vl)
+    ids = qwen2_vl_ids(tok)
+    if ids.vocab_len > model_cfg.text.vocab_size:
+        raise ConversionError(f"the tokenizer has {ids.vocab_len} tokens but the LLM only "
+                              f"{model_cfg.text.vocab_size} embedding rows")
+    for name in ("image", "vision_start", "vision_end"):
+        want = getattr(model_cfg, "image_token_id" if name == "image" else f"{name}_token_id")
+        if getattr(ids, name) != want:
+            raise ConversionError(f"the tokenizer's {name} token is id {getattr(ids, name)}, the config says {want}")
+    abstract = flat_params(build_abstract(model_cfg)[1])
+    tie = model_cfg.text.tie_word_embeddings
+    parts = split_qwen2_vl(read_model_dir(args.qwen2_vl))
+    if tie:
+        _check_tied_head(parts[LLM], args.qwen2_vl)
+    flat = {}
+    for component, sd in parts.items():
+        flat.update(hf_to_ours(component, sd, abstract, tie_word_embeddings=tie))
+    _save(out, model_cfg, tok, {k: _to_device(v, args.dtype) for k, v in flat.items()})
+    return out
+
+
 def convert(args) -> str:
     """Runs the conversion described by parsed `args`; returns the output directory."""
     out = os.path.abspath(args.out)
@@ -429,9 +479,11 @@ def convert(args) -> str:
     if os.path.isdir(checkpoint.checkpoint_dir(out)) and os.listdir(checkpoint.checkpoint_dir(out)):
         raise ConversionError(f"--out {out!r} already holds a checkpoint; use a new directory")
     for flag, path in (("--vision", args.vision), ("--llm", args.llm), ("--llava", args.llava),
-                       ("--oq-checkpoint", args.oq_checkpoint)):
+                       ("--oq-checkpoint", args.oq_checkpoint), ("--qwen2-vl", args.qwen2_vl)):
         if path is not None and not os.path.exists(path):
             raise ConversionError(f"{flag} {path!r} does not exist")
+    if args.qwen2_vl:
+        return convert_qwen2_vl(args, out)
 
     vision_cfg, vision_sd = read_vision(args.vision, args.vision_heads, args.vision_image_size)
     # Open-Qwen2VL's projector and LLM were trained on timm's exact-GELU tower, whatever --vision is.
@@ -499,15 +551,7 @@ def _write(out: str, args, model_cfg: ModelConfig, tok, vision_sd, projector_sd,
     flat = {k: _to_device(v, args.dtype) for k, v in flat.items()}
 
     # Everything is validated; only now write (tokenizer, config, then the weights).
-    tok.save_pretrained(os.path.join(out, "tokenizer"))
-    checkpoint.save_config(out, Config(model=model_cfg, tokenizer="tokenizer"))
-    # Orbax deep-copies numpy leaves and writes them all at once; jax arrays are written with a bound
-    # on the bytes in flight, so the save adds ~1 GB to the one copy of the weights made above.
-    mngr = checkpoint.make_manager(out, async_save=False, save_concurrent_gb=1)
-    checkpoint.save(mngr, 0, params=checkpoint.nest(flat))
-    mngr.wait_until_finished()
-    mngr.close()
-    integrity.write_manifest(os.path.join(checkpoint.checkpoint_dir(out), "0"))  # readers verify it
+    _save(out, model_cfg, tok, flat)
     return out
 
 

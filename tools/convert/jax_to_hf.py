@@ -18,6 +18,9 @@ Formats:
                 frozen tower (no vision_backbone: it loads timm's). OUT/config.json holds only
                 model.arch_specifier (e.g. "no-align+avgpool"); merge it into the run config the
                 original's loader expects. hf_to_jax.py --oq-checkpoint reads both back.
+  qwen2-vl      a model.arch qwen2_vl checkpoint as Qwen2VLForConditionalGeneration (transformers 5
+                key layout), its tokenizer and chat template, and a Qwen2VLImageProcessor config with
+                the model's min/max pixels. hf_to_jax.py --qwen2-vl reads it back.
 
 Weights are written in the layouts every transformers version loads (the SigLIP tower under
 `vision_tower.vision_model.`, the LM under `language_model.model.`; config.json carries rope_theta at
@@ -41,10 +44,10 @@ from oq2vl_jax.cli import UserError
 from oq2vl_jax.hf_io import parse_size, write_safetensors
 from oq2vl_jax.models import build_abstract, flat_params
 from oq2vl_jax.models.config import ModelConfig
-from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, ours_to_hf
+from oq2vl_jax.models.weights import LLM, PROJECTOR, VISION, WeightError, ours_to_hf, qwen2_vl_to_hf
 from oq2vl_jax.treepaths import dotted
 
-FORMATS = ("qwen2", "llava", "pooled-llava", "prismatic")
+FORMATS = ("qwen2", "llava", "pooled-llava", "prismatic", "qwen2-vl")
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pooled_llava")
 REMOTE_CODE_FILES = ("configuration_pooled_llava.py", "modeling_pooled_llava.py")
 # Qwen2.5's context; RoPE has no table, this only bounds generation defaults in transformers.
@@ -226,7 +229,10 @@ def processor_files(m: ModelConfig, image_token: str) -> dict[str, dict]:
 
 
 def check_format(m: ModelConfig, fmt: str) -> None:
-    if fmt == "qwen2":
+    if (fmt == "qwen2-vl") != (m.arch == "qwen2_vl") and fmt != "qwen2":
+        raise ExportError(f"--format {fmt} cannot hold a model.arch {m.arch} checkpoint"
+                          + (" (use --format qwen2-vl or qwen2)" if m.arch == "qwen2_vl" else ""))
+    if fmt in ("qwen2", "qwen2-vl"):
         return
     if fmt == "prismatic":
         v = m.vision
@@ -267,6 +273,47 @@ def write_prismatic(out: str, m: ModelConfig, flat) -> str:
     return out
 
 
+def _cast(flat, dtype: str | None):
+    if not dtype:
+        return flat
+    import ml_dtypes
+
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    return {k: v.astype(target, copy=False) for k, v in flat.items()}
+
+
+def export_qwen2_vl(args, cfg, tokenizer_dir: str) -> str:
+    """--format qwen2-vl: the whole model as transformers' Qwen2VLForConditionalGeneration."""
+    import qwen2_vl_hf
+
+    from oq2vl_jax.data.qwen2_vl_text import CHAT_TEMPLATE, load_qwen2_vl_tokenizer, qwen2_vl_ids
+
+    m = cfg.model
+    tokenizer = load_qwen2_vl_tokenizer(tokenizer_dir)
+    ids = qwen2_vl_ids(tokenizer)
+    if (ids.image, ids.vision_start, ids.vision_end) != (m.image_token_id, m.vision_start_token_id,
+                                                          m.vision_end_token_id):
+        raise ExportError(f"the tokenizer's image/vision_start/vision_end ids {ids.image}/{ids.vision_start}/"
+                          f"{ids.vision_end} differ from the model's {m.image_token_id}/{m.vision_start_token_id}/"
+                          f"{m.vision_end_token_id}")
+    step, flat = read_checkpoint(args.checkpoint, m, args.step)
+    flat = _cast(flat, args.dtype)
+    sd = qwen2_vl_to_hf(flat)
+    dtype = _dtype_name(flat[(LLM, "model", "embed_tokens", "embedding")])
+    files = {"config.json": qwen2_vl_hf.hf_config(m, ids, dtype), **qwen2_vl_hf.processor_files(m),
+             "generation_config.json": {"bos_token_id": None, "eos_token_id": ids.im_end, "pad_token_id": ids.pad}}
+    # Built in a folder beside --out and swapped in whole, as the other formats.
+    with failures.writing(args.out), staging.staged_dir(args.out, args.overwrite, "an export") as out:
+        write_safetensors(sd, out, parse_size(args.max_shard_size))
+        del sd, flat
+        tokenizer.save_pretrained(out)
+        for name, obj in files.items():
+            _write_json(os.path.join(out, name), obj)
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:  # shared by tokenizer and processor
+            f.write(tokenizer.chat_template or CHAT_TEMPLATE)
+    return os.path.abspath(args.out)
+
+
 def export(args) -> str:
     from oq2vl_jax.data.tokenizer import IMAGE_PAD, load_tokenizer, special_ids
 
@@ -278,6 +325,8 @@ def export(args) -> str:
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         raise ExportError(f"tokenizer directory {tokenizer_dir!r} not found (set `tokenizer` in the checkpoint's "
                           "config.yaml or pass --tokenizer)")
+    if args.format == "qwen2-vl":
+        return export_qwen2_vl(args, cfg, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)  # prepared as in training: <s> as bos, <|endofchunk|>, image pad
     ids = special_ids(tokenizer)
     if ids.image != m.image_token_id and args.format != "qwen2":
