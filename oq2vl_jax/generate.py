@@ -153,6 +153,10 @@ class Stats:
     decode_s: float = 0.0
     compile_s: float = 0.0
 
+    def add(self, other: "Stats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def summary(self) -> str:
         rate = lambda n, s: f"{n / s:,.1f} tok/s" if s > 0 else "n/a"  # noqa: E731
         return (f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.3f}s "
@@ -416,8 +420,7 @@ def generate(model, tokenizer, requests: Sequence, *, fmt: str = "caption", syst
     out = gen(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
               batch_size=batch_size)
     if stats is not None:
-        for f in dataclasses.fields(Stats):
-            setattr(stats, f.name, getattr(stats, f.name) + getattr(gen.stats, f.name))
+        stats.add(gen.stats)
     return out
 
 

@@ -180,6 +180,5 @@ def generate(model, tokenizer, requests: Sequence, *, fmt: str = "caption", syst
     out = gen(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
               batch_size=batch_size)
     if stats is not None:
-        for f in dataclasses.fields(Stats):
-            setattr(stats, f.name, getattr(stats, f.name) + getattr(gen.stats, f.name))
+        stats.add(gen.stats)
     return out

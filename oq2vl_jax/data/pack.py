@@ -242,24 +242,29 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
     return tokens
 
 
+def _caption_samples(path: str, build):
+    """(key, tokens, images) = (key, *build(image bytes, caption)) or (key, SampleError) per sample of
+    a WebDataset tar, streamed (a shard is never held whole); returns the tar's read error, if any."""
+    tar = readers.iter_tar(path)
+    while True:
+        try:
+            key, files = next(tar)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            yield (key, *build(*readers.caption_from_files(files)))
+        except SampleError as e:
+            yield key, e
+
+
 def _iter_samples(cfg: PackConfig, path: str):
     """Yields (key, tokens, encoded images) or (key, SampleError) for one input file; sets errors."""
     b = _builder(cfg)
     if cfg.qwen2vl:
         return (yield from _iter_qwen2vl(cfg, b, path))
     if cfg.mode == "caption":
-        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
-        while True:
-            try:
-                key, files = next(tar)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                image, caption = readers.caption_from_files(files)
-                tokens = _fit(cfg, b, b.caption(caption))
-                yield key, tokens, [_image(cfg, image)]
-            except SampleError as e:
-                yield key, e
+        return (yield from _caption_samples(
+            path, lambda image, caption: (_fit(cfg, b, b.caption(caption)), [_image(cfg, image)])))
     if cfg.mode == "interleaved":
         return (yield from _iter_interleaved(cfg, b, path))
     if cfg.mode == "text":
@@ -350,18 +355,11 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
         return enc, gh * gw // vcfg.spatial_merge_size**2
 
     if cfg.mode == "qwen2vl_caption":
-        tar = readers.iter_tar(path)  # streamed: a shard is never held whole
-        while True:
-            try:
-                key, files = next(tar)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                image, caption = readers.caption_from_files(files)
-                enc, n = prepared(image)
-                yield key, _fit(cfg, b, b.caption(caption, n)), [enc]
-            except SampleError as e:
-                yield key, e
+        def build(image, caption):
+            enc, n = prepared(image)
+            return _fit(cfg, b, b.caption(caption, n)), [enc]
+
+        return (yield from _caption_samples(path, build))
     raw, err = readers.read_json_records(path)
     root = cfg.image_root or os.path.dirname(os.path.abspath(path))
     for key, entry in raw:
