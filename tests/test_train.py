@@ -273,7 +273,7 @@ def test_steps_are_traced_inside_the_mesh(tmp_path):
     example = {k: np.zeros(s, np.uint8 if k == "images" else np.int32) for k, s in shapes.items()}
     shardings = batch_shardings(trainer.mesh, example, True)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in example.items()}
-    assert set(batch) == set(MODEL_KEYS)
+    assert set(batch) == set(MODEL_KEYS[:5])  # every key the oq2vl model reads (the rest: qwen2_vl patch rows)
     hlo = trainer.train_step.lower(trainer.abstract_state, batch).as_text()
     assert hlo.count("sharding_constraint") >= cfg.model.vision.num_hidden_layers
     trainer.mngr.close()
