@@ -20,7 +20,12 @@ def _built_params(model_cfg) -> int:
     return count_params(state)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+# Full-size variants of an already-built model (tens of seconds each) run with -m slow.
+SLOW_CONFIGS = ("mix.yaml", "large_sft.yaml", "paper_sft.yaml")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_CONFIGS else p
+                                  for p in CONFIGS], ids=os.path.basename)
 def test_config_loads_and_builds(path):
     cfg = load_config(path)
     assert cfg.data.global_batch_size % cfg.train.micro_batches == 0

@@ -176,8 +176,10 @@ def test_vlm_loss_and_gradient_lower(hopper):
             assert calls[BWD] < calls[FWD], calls  # the frozen tower runs forward kernels only
 
 
-@pytest.mark.parametrize("config, overrides", [("pretrain", []), ("pretrain", ["optim.freeze=[]"]), ("sft", [])],
-                         ids=["pretrain", "pretrain-tower-trained", "sft"])
+@pytest.mark.parametrize("config, overrides", [  # full-size lowerings are tens of seconds each: one in the default suite
+    pytest.param("pretrain", [], marks=pytest.mark.slow, id="pretrain"),
+    pytest.param("pretrain", ["optim.freeze=[]"], marks=pytest.mark.slow, id="pretrain-tower-trained"),
+    pytest.param("sft", [], id="sft")])
 def test_full_size_train_step_lowers(hopper, tmp_path, config, overrides):
     """The real jitted train step of the shipped configs at full size (SigLIP-so400m + Qwen2.5-1.5B,
     4096-token rows; abstract, nothing allocated), on one device: every attention is cuDNN's."""

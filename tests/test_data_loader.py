@@ -84,6 +84,7 @@ def test_save_restore_reproduces_batches(data, workers):
         getattr(i, "close", lambda: None)()
 
 
+@pytest.mark.slow  # default-suite time (about 10 minutes on 2 cores); run with -m slow
 def test_batches_do_not_depend_on_the_number_of_workers(data):
     """Workers get whole batches: the train stream is the same for any num_workers, and the eval pass
     keeps every row even when there are fewer batches than workers."""

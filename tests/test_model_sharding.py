@@ -163,6 +163,7 @@ def _rows_with_images(counts, m, t=40, k=4, image_token_id=100, seed=0):
             "images": rng.uniform(-1, 1, (b, m, 56, 56, 3)).astype(np.float32)}
 
 
+@pytest.mark.slow  # default-suite time (about 10 minutes on 2 cores); run with -m slow
 def test_chunked_tower_equals_dense_and_skips_empty_slots(monkeypatch):
     """vision_chunk_size: same loss and gradients as running the tower on every slot (one device and
     FSDP over 8), while chunks holding no real image are never run."""

@@ -151,6 +151,7 @@ def test_sigterm_and_kill_9_then_resume_equals_uninterrupted(demo, reference, tm
         assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
 
 
+@pytest.mark.slow  # default-suite time (about 10 minutes on 2 cores); run with -m slow
 def test_two_processes_equal_one(demo, reference, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -236,6 +237,7 @@ def test_config_errors_are_named(demo, tmp_path, capsys):
     assert "train.loss_group_rows=3 does not divide" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # default-suite time (about 10 minutes on 2 cores); run with -m slow
 def test_resume_refuses_a_different_data_layout(demo, tmp_path):
     from oq2vl_jax.train import run
 
@@ -304,6 +306,7 @@ def test_refused_resume_keeps_config_and_names_the_parameter(demo, tmp_path, cap
     assert "layers.1.mlp.gate_proj.kernel saved (64, 256), model (64, 40)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # default-suite time (about 10 minutes on 2 cores); run with -m slow
 def test_checkpoint_is_saved_before_a_failing_eval(demo, tmp_path, monkeypatch):
     from oq2vl_jax import train
 
