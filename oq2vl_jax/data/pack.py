@@ -242,6 +242,20 @@ def _fit(cfg: PackConfig, b: SampleBuilder, tokens: Tokens) -> Tokens:
     return tokens
 
 
+def _turns_and_images(entry: dict) -> tuple[object, list[str]]:
+    """(conversation turns, image paths) of a LLaVA-style record; SampleError for a bad image field
+    or a count of <image> tags that differs from the images."""
+    paths = entry.get("image") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
+        raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
+                                             f"{json.dumps(entry.get('image'))[:80]}")
+    turns = entry.get("conversations")
+    if count_image_tags(turns) != len(paths):
+        raise SampleError("image_tag_mismatch", f"{count_image_tags(turns)} <image> tags vs {len(paths)} images")
+    return turns, paths
+
+
 def _caption_samples(path: str, build):
     """(key, tokens, images) = (key, *build(image bytes, caption)) or (key, SampleError) per sample of
     a WebDataset tar, streamed (a shard is never held whole); returns the tar's read error, if any."""
@@ -287,16 +301,7 @@ def _iter_samples(cfg: PackConfig, path: str):
             if not isinstance(entry, dict):
                 raise SampleError("bad_conversation", "sample is not a json object")
             key = str(entry.get("id", key))
-            turns = entry.get("conversations")
-            image_paths = entry.get("image") or []
-            image_paths = [image_paths] if isinstance(image_paths, str) else image_paths
-            if not isinstance(image_paths, list) or not all(isinstance(p, str) and p and "\0" not in p
-                                                            for p in image_paths):
-                raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
-                                                     f"{json.dumps(entry.get('image'))[:80]}")
-            if count_image_tags(turns) != len(image_paths):
-                raise SampleError("image_tag_mismatch",
-                                  f"{count_image_tags(turns)} <image> tags vs {len(image_paths)} images")
+            turns, image_paths = _turns_and_images(entry)
             tokens = _fit(cfg, b, b.conversation(turns))
             images = []
             for rel in image_paths[:tokens.num_images]:  # truncation may have dropped the last ones
@@ -360,23 +365,16 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
             return _fit(cfg, b, b.caption(caption, n)), [enc]
 
         return (yield from _caption_samples(path, build))
-    raw, err = readers.read_json_records(path)
+    errors: list = []
     root = cfg.image_root or os.path.dirname(os.path.abspath(path))
-    for key, entry in raw:
+    for key, entry in readers.iter_json_records(path, errors):  # streamed, as the other SFT mode
         try:
             if isinstance(entry, SampleError):
                 raise entry
             if not isinstance(entry, dict):
                 raise SampleError("bad_conversation", "sample is not a json object")
             key = str(entry.get("id", key))
-            paths = entry.get("image") or []
-            paths = [paths] if isinstance(paths, str) else paths
-            if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
-                raise SampleError("bad_image_field", f"image must be a path or a list of paths, got "
-                                                     f"{json.dumps(entry.get('image'))[:80]}")
-            turns = entry.get("conversations")
-            if count_image_tags(turns) != len(paths):
-                raise SampleError("image_tag_mismatch", f"{count_image_tags(turns)} <image> tags vs {len(paths)} images")
+            turns, paths = _turns_and_images(entry)
             images = []
             for rel in paths:
                 try:
@@ -388,7 +386,7 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
             yield key, tokens, [enc for enc, _ in images]
         except SampleError as e:
             yield key, e
-    return err
+    return errors[0] if errors else None
 
 
 def pack_unit(cfg: PackConfig, unit: Unit) -> dict:
