@@ -101,10 +101,12 @@ class Trainer:
     """Owns the mesh, the jitted steps, the state and the checkpoint manager of one run. Takes a
     resolved config (resolve.for_train): every check has been made there."""
 
-    def __init__(self, cfg: Config, workdir: str):
+    def __init__(self, cfg: Config, workdir: str, devices=None):
+        """devices: the mesh's devices (default: all); bench/gpu_aot.py passes a GPU topology's
+        devices to compile the steps ahead of time on a machine without that GPU."""
         self.cfg, self.workdir = cfg, workdir
         self.rows_per_process = cfg.data.global_batch_size // jax.process_count()
-        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         self.graphdef, abstract = build_abstract(cfg.model, self.mesh)
         abs_flat = flat_params(abstract)
         self.param_shardings = {p: a.sharding for p, a in abs_flat.items()}
@@ -387,6 +389,9 @@ def main(argv=None) -> int:
 
     def body():
         cfg = cli.load_config(args)
+        # jax's GPU memory pool defaults to 75% of the device; the configs are sized to leave 10% free
+        # (bench/gpu_aot.py), so the pool takes 90% unless the user set it. Read when the backend starts.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
         init_distributed()
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         try:

@@ -66,14 +66,19 @@ def packed_seqlens_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[j
     return seqlens, offsets
 
 
+def _backend() -> str:
+    """The platform attention is compiled for (bench/gpu_aot.py answers for a GPU it compiles for)."""
+    return jax.default_backend()
+
+
 def _gpu_capability() -> tuple[int, ...]:
     return tuple(int(x) for x in str(getattr(jax.devices()[0], "compute_capability", "0.0")).split("."))
 
 
 @functools.cache
 def _cudnn_unavailable_reason(dtype_name: str, packed: bool) -> str | None:
-    if jax.default_backend() != "gpu":
-        return f"backend is {jax.default_backend()!r}, not gpu"
+    if _backend() != "gpu":
+        return f"backend is {_backend()!r}, not gpu"
     if dtype_name not in ("bfloat16", "float16"):
         return f"cuDNN flash attention needs bf16/fp16 inputs, got {dtype_name}"
     try:
