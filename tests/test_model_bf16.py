@@ -171,3 +171,42 @@ def test_vlm_in_bf16_matches_hf_in_bf16():
     logits = nnx.jit(lambda m, *a: m(*a))(model, ids[None], images[None], np.arange(len(ids))[None],
                                           np.ones((1, len(ids)), np.int32))
     _assert_bf16_close(np.asarray(logits)[0], b16, f32, "VLM logits")
+
+
+def test_chunked_lm_head_gradient_runs_bf16_gemms_and_equals_torch_bf16():
+    """The chunked loss's LM head: float32 logits forward, and a backward pass whose gemms take the
+    logits' gradient in bf16 (as torch's bf16 lm_head backward does), not float32 operands."""
+    from oq2vl_jax.models.vlm import chunked_token_losses
+
+    rng = np.random.default_rng(0)
+    b, t, d, v = 2, 12, 16, 40
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.2, jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    ones = jnp.ones((b, t), jnp.int32)
+
+    def loss(h, w):
+        total, count = chunked_token_losses(h, w, ids, ones, ones, False, chunk=5)
+        return jnp.sum(total) / jnp.sum(count)
+
+    def dot_inputs(j):  # operand dtypes of every matmul, inside scans and checkpoints too
+        for e in j.eqns:
+            if e.primitive.name == "dot_general":
+                yield tuple(str(x.aval.dtype) for x in e.invars)
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from dot_inputs(inner)
+
+    found = set(dot_inputs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w).jaxpr))
+    assert found == {("bfloat16", "bfloat16")}, found
+
+    dh, dw = jax.grad(loss, argnums=(0, 1))(h, w)
+    th = torch.tensor(np.asarray(h.astype(jnp.float32)), dtype=torch.bfloat16, requires_grad=True)
+    tw = torch.tensor(np.asarray(w.astype(jnp.float32)), dtype=torch.bfloat16, requires_grad=True)
+    logits = (th[:, :-1] @ tw).float()  # HF: bf16 lm_head, loss in float32
+    F.cross_entropy(logits.reshape(-1, v), torch.tensor(np.asarray(ids[:, 1:])).reshape(-1).long()).backward()
+    for ours, theirs in ((dh[:, :-1], th.grad[:, :-1]), (dw, tw.grad)):
+        ref = theirs.float().numpy()
+        np.testing.assert_allclose(np.asarray(ours.astype(jnp.float32)), ref, atol=BF16_TOL * np.abs(ref).max())

@@ -58,6 +58,30 @@ def token_losses(logits, input_ids, loss_mask, segment_ids, cross_segment: bool)
     return jnp.sum(_nll(logits[:, :-1], targets) * w, axis=1), jnp.sum(w, axis=1)
 
 
+@jax.custom_vjp
+def _f32_logits(h, w):
+    """h [..., D] @ w [D, V], accumulated and returned in float32. The backward pass takes the logits'
+    gradient in w's dtype, so its two vocabulary-wide gemms run in bf16 (as in the unchunked path,
+    whose logits are bf16), not in float32 at half the tensor-core rate (bench/gpu_aot.py: ~4% of a
+    pre-training step). With float32 weights it is plain autodiff."""
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def _f32_logits_fwd(h, w):
+    return _f32_logits(h, w), (h, w)
+
+
+def _f32_logits_bwd(res, g):
+    h, w = res
+    g = g.astype(w.dtype)
+    dh = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("...d,...v->dv", h, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw
+
+
+_f32_logits.defvjp(_f32_logits_fwd, _f32_logits_bwd)
+
+
 def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, cross_segment: bool,
                          chunk: int):
     """token_losses computed `chunk` positions at a time from the final hidden states, so the
@@ -72,7 +96,7 @@ def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, 
 
     @jax.checkpoint
     def chunk_loss(h_c, t_c, w_c):
-        logits = jnp.dot(h_c.astype(out_matrix.dtype), out_matrix, preferred_element_type=jnp.float32)
+        logits = _f32_logits(h_c.astype(out_matrix.dtype), out_matrix)
         return jnp.sum(_nll(logits, t_c) * w_c, axis=1)
 
     def body(total, xs):
@@ -125,9 +149,12 @@ class OQ2VL(nnx.Module):
         imgs = jnp.take_along_axis(imgs, order.reshape(order.shape + (1, 1, 1)), axis=1)
         imgs = jnp.pad(imgs, ((0, 0), (0, n_chunks * chunk - per)) + ((0, 0),) * 3)
         most = jnp.max(jnp.sum(real, axis=1))
-        # Gather the (FSDP-sharded) tower once here, not once per chunk inside the conditionals.
+        # Gather the (FSDP-sharded) tower once here, not once per chunk inside the conditionals, and
+        # in its compute dtype: matrices are cast where they are used anyway (norms stay float32), so
+        # casting first halves the gather and saves a cast per chunk (bench/gpu_aot.py: ~2% of a step).
         graphdef, state = nnx.split(self.vision_tower)
-        state = replicate(state)
+        dtype = self.vision_tower.dtype
+        state = replicate(jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, state))
 
         def run(st, x):
             return nnx.merge(graphdef, st)(x)
