@@ -164,22 +164,29 @@ def compile_train(cfg, devices, args):
     from oq2vl_jax.flops import train_step_flops
     from oq2vl_jax.train import Trainer
 
+    rows, t = cfg.data.global_batch_size, cfg.data.seq_len
+    images = min(args.images_per_row, cfg.data.max_images)
+    g = args.image_grid
+    if cfg.model.arch == "qwen2_vl":  # as many images of the grid as a row's patch budget holds
+        images = min(images, (cfg.data.max_patches or 4 * t) // (g[0] * g[1]))
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="gpu_aot_"), devices=devices)
     try:
-        batch = train_batch_specs(cfg, trainer.mesh, min(args.images_per_row, cfg.data.max_images),
-                                  tuple(args.image_grid))
+        batch = train_batch_specs(cfg, trainer.mesh, images, tuple(g))
         lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    except SystemExit as e:  # bench/train_bench.py's row builders refuse rows that cannot hold the images
+        raise AotError(str(e)) from None
     finally:
         trainer.mngr.close()
-    rows, t = cfg.data.global_batch_size, cfg.data.seq_len
-    if cfg.model.arch == "qwen2_vl":
-        g = args.image_grid
-        units = rows * min(args.images_per_row, cfg.data.max_images) * g[0] * g[1]
-    else:
-        units = rows * min(args.images_per_row, cfg.data.max_images)
+    units = rows * images * (g[0] * g[1] if cfg.model.arch == "qwen2_vl" else 1)
     flops = train_step_flops(cfg.model, rows, t, units, vision_trained=trainer.vision_trained,
                              patch_row=cfg.data.max_patches or 4 * t)
-    return lowered, {"tokens": rows * t, "model_flops": flops}
+    return lowered, {"tokens": rows * t, "model_flops": flops,
+                     "hosts_of": hosts_of(trainer.mesh)}
+
+
+def hosts_of(mesh) -> list[int]:
+    """The host of each logical device of a program jitted over `mesh` (its device assignment)."""
+    return [d.process_index for d in mesh.devices.flat]
 
 
 def _generation_model(cfg, devices):
@@ -218,12 +225,12 @@ def compile_generation(cfg, devices, args, which: str):
                  spec((b, t), jnp.bool_))
         lowered = jax.jit(run(generate.prefill, {"max_len": t + new})).lower(state, *args_)
         flops = 2.0 * b * t * _llm_params(model_cfg) + b * _vision_flops(model_cfg)
-        return lowered, {"tokens": b * t, "model_flops": flops}
+        return lowered, {"tokens": b * t, "model_flops": flops, "hosts_of": [0]}
     cache = jax.eval_shape(lambda: KVCache.init(model_cfg.text, b, t + new, jnp.dtype(model_cfg.dtype)))
     cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
     lowered = jax.jit(run(generate.decode_step, {}), donate_argnums=(1,)).lower(
         state, cache, spec((b,), jnp.int32), spec((b,), jnp.int32))
-    return lowered, {"tokens": b, "model_flops": 2.0 * b * _llm_params(model_cfg)}
+    return lowered, {"tokens": b, "model_flops": 2.0 * b * _llm_params(model_cfg), "hosts_of": [0]}
 
 
 def _llm_params(model_cfg) -> float:
@@ -273,15 +280,17 @@ def report(step: str, lowered, info: dict, dense: collections.Counter, cfg, gpu:
     total = memory.compiled_bytes(compiled)  # what the train job checks before its first step
     capacity = gpu.field("device_memory_size")
     prog = hlo_stats.analyse(compiled.as_text(), n_dev)
-    link = (gpu.network_gbps if hosts > 1 else gpu.link_gbps) * 1e9
-    dev = hlo_stats.Device(peak_flops_per_device(gpu.kind), gpu.field("memory_bandwidth"), link)
+    dev = hlo_stats.Device(peak_flops_per_device(gpu.kind), gpu.field("memory_bandwidth"), gpu.link_gbps * 1e9,
+                           gpu.network_gbps * 1e9)
+    hlo_stats.mark_hosts(prog, info["hosts_of"])
     hlo_stats.overlap_windows(prog, dev)
     roof = hlo_stats.roofline(prog, dev)
     calls = prog.custom_calls(hlo_stats.CUDNN_ATTENTION)
     n_fusions, fusion_launches = prog.fusions
     per_device_tokens = info["tokens"] / (n_dev if step == "train" else 1)
     per_device_flops = info["model_flops"] / (n_dev if step == "train" else 1)
-    colls = collections.defaultdict(lambda: {"count": 0.0, "gb": 0.0, "s": 0.0, "exposed_s": 0.0, "async": 0.0})
+    colls = collections.defaultdict(lambda: {"count": 0.0, "gb": 0.0, "across_nodes_gb": 0.0, "s": 0.0,
+                                             "exposed_s": 0.0, "async": 0.0})
     for c in prog.collectives:
         e = colls[c.kind]
         t = hlo_stats.collective_time(c, dev)
@@ -290,6 +299,7 @@ def report(step: str, lowered, info: dict, dense: collections.Counter, cfg, gpu:
         e["s"] += t * c.count
         e["exposed_s"] += (t if c.sync else max(0.0, t - c.window_s)) * c.count
         e["async"] += 0 if c.sync else c.count
+        e["across_nodes_gb"] += c.bytes * c.count / 1e9 if c.crosses_hosts else 0.0
     return {
         "step": step, "gpu": gpu.kind, "devices": n_dev, "hosts": hosts, "compile_s": round(compile_s, 1),
         "memory_gib": {"arguments": ma.argument_size_in_bytes / GiB, "outputs": ma.output_size_in_bytes / GiB,
@@ -310,7 +320,7 @@ def report(step: str, lowered, info: dict, dense: collections.Counter, cfg, gpu:
                      "hbm_gb": roof["hbm_bytes"] / 1e9, "compute_by_category_s": roof["compute_by_category_s"],
                      "tokens_per_s_per_device": per_device_tokens / roof["step_s"],
                      "mfu_upper_bound": per_device_flops / roof["step_s"] / dev.peak_flops},
-        "link_gbps": link / 1e9,
+        "link_gbps": gpu.link_gbps, "network_gbps": gpu.network_gbps,
     }
 
 
@@ -330,9 +340,12 @@ def print_report(r: dict, cfg_name: str) -> None:
     if not r["xla_attention"]:
         print("  XLA attention    none (no dense-mask fallback)")
     for k, v in r["collectives"].items():
-        print(f"  {k:16s} {v['count']:6.0f}/run ({v['async']:.0f} async) {v['gb']:8.2f} GB  "
-              f"{v['s'] * 1e3:8.1f} ms at {r['link_gbps']:.0f} GB/s, exposed {v['exposed_s'] * 1e3:7.1f} ms")
+        across = f", {v['across_nodes_gb']:.2f} across nodes" if r["hosts"] > 1 else ""
+        print(f"  {k:16s} {v['count']:6.0f}/run ({v['async']:.0f} async) {v['gb']:8.2f} GB{across}: "
+              f"{v['s'] * 1e3:8.1f} ms, exposed {v['exposed_s'] * 1e3:7.1f} ms")
     print(f"  fusions          {r['fusions']} in the program, {r['fusion_launches']:.0f} launches per run")
+    if r["unknown_trip_counts"]:
+        print(f"  note             {r['unknown_trip_counts']} loop(s) of unknown trip count, counted once")
     print(f"  roofline         compute {roof['compute_s'] * 1e3:.1f} ms ({roof['hlo_tflop']:.1f} TFLOP, "
           f"{roof['f32_tflop']:.1f} at f32; {roof['hbm_gb']:.0f} GB HBM) + exposed collectives "
           f"{roof['exposed_collective_s'] * 1e3:.1f} ms = {roof['step_s'] * 1e3:.1f} ms")
@@ -348,9 +361,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--topology", default="1x1x8", help="SLICESxHOSTSxGPUS_PER_HOST (default 1x1x8: one node)")
-    p.add_argument("--steps", default="train,prefill,decode", help=f"comma-separated, of {', '.join(STEPS)}")
+    p.add_argument("--steps", default=None, help=f"comma-separated, of {', '.join(STEPS)} (default: all; "
+                   "train only for model.arch qwen2_vl, whose generation is not compiled here)")
     p.add_argument("--margin", type=float, default=0.10, help="memory to leave free (fraction of the device's)")
-    p.add_argument("--images-per-row", type=int, default=22, help="train: images in a packed caption row")
+    p.add_argument("--images-per-row", type=int, default=22, help="train: images in a packed caption row (qwen2_vl: at most what data.max_patches holds)")
     p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
                    help="train, model.arch qwen2_vl: each image's patch grid")
     p.add_argument("--gen-batch", type=int, default=32, help="prefill/decode: prompts per device")
@@ -368,8 +382,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from oq2vl_jax.config import ConfigError, load_config
 
-    steps = [s for s in args.steps.split(",") if s]
-    if bad := [s for s in steps if s not in STEPS]:
+    if args.steps is not None and (bad := [s for s in args.steps.split(",") if s not in STEPS]):
         raise AotError(f"--steps: unknown {bad}; choose from {', '.join(STEPS)}")
     gpu = GPUS[args.gpu]
     devices = topology_devices(gpu, args.topology)
@@ -378,13 +391,14 @@ def run(args) -> int:
         cfg = load_config(args.config, ["train.init_from=null", "tokenizer=null", *args.set])
     except (ConfigError, OSError) as e:
         raise AotError(str(e)) from None
-    for key, val in (("model.text.vocab_size", cfg.model.text.vocab_size),
-                     ("model.image_token_id", cfg.model.image_token_id), ("model.image_tokens", cfg.model.image_tokens)):
-        if val is None:
-            raise AotError(f"{args.config}: {key} is derived from data or a tokenizer at run time; give it with --set")
+    if missing := cfg.model.unresolved():
+        raise AotError(f"{args.config}: {', '.join(missing)} derived from data or a tokenizer at run time; "
+                       f"give them with --set")
     if cfg.data.global_batch_size % (cfg.train.micro_batches * len(devices)):
         raise AotError(f"data.global_batch_size={cfg.data.global_batch_size} does not split into "
                        f"train.micro_batches={cfg.train.micro_batches} x {len(devices)} devices")
+    default = STEPS if cfg.model.arch == "oq2vl" else ("train",)
+    steps = [s for s in args.steps.split(",") if s] if args.steps is not None else list(default)
     name = os.path.splitext(os.path.basename(args.config))[0]
     reports = []
     for step in steps:

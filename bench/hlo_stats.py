@@ -13,7 +13,7 @@ The model (documented in docs/gpu_aot.md):
   * Roofline time of a kernel = max(FLOPs / peak, bytes / HBM bandwidth), f32 dots at half the bf16
     peak (TF32); kernels run one after another.
   * A collective over n devices moves (n-1)/n of its full buffer per device (twice for all-reduce)
-    at the link bandwidth. An async one is hidden by the kernels scheduled between its start and
+    at the link bandwidth, or the network's when its groups span nodes. An async one is hidden by the kernels scheduled between its start and
     done; the rest, and every synchronous one, is exposed.
 """
 
@@ -245,7 +245,9 @@ class Collective:
     group: int
     sync: bool
     where: tuple[str, str]  # (computation, instruction)
+    groups: list[list[int]] | None  # its replica groups (logical device ids), when XLA prints them
     window_s: float = 0.0  # roofline time of the kernels scheduled between start and done
+    crosses_hosts: bool = False  # set by the caller (mark_hosts): its groups span nodes
 
 
 @dataclasses.dataclass
@@ -269,21 +271,35 @@ class Program:
         return len(fs), sum(k.count for k in fs)
 
 
-def _group_size(attrs: str, default: int) -> int:
+def replica_groups(attrs: str) -> list[list[int]] | None:
+    """The device groups (logical ids) of a collective, from any of XLA's three notations:
+    {{0,1},{2,3}}, iota [G,S]<=[dims]T(perm), and mesh['a'=2,'b'=4] {'b'} (groups along the named axes)."""
+    import numpy as np
+
     m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
     if m:
-        sizes = dict((a.strip("' "), int(n)) for a, n in re.findall(r"'?([\w]+)'?=(\d+)", m.group(1)))
-        n = 1
-        for a in re.findall(r"'([\w]+)'", m.group(2)):
-            n *= sizes.get(a, 1)
-        return n
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+        sizes = [(a, int(n)) for a, n in re.findall(r"'?(\w+)'?=(\d+)", m.group(1))]
+        along = set(re.findall(r"'(\w+)'", m.group(2)))
+        ids = np.arange(int(np.prod([n for _, n in sizes]))).reshape([n for _, n in sizes])
+        inner = [i for i, (a, _) in enumerate(sizes) if a in along]
+        outer = [i for i in range(len(sizes)) if i not in inner]
+        return np.transpose(ids, outer + inner).reshape(-1, int(np.prod([sizes[i][1] for i in inner] or [1]))).tolist()
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
     if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(4):
+            ids = np.transpose(ids, [int(x) for x in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", attrs)
     if m:
-        return len(m.group(1).split(","))
-    return default
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    return None
+
+
+def _group_size(attrs: str, default: int) -> int:
+    groups = replica_groups(attrs)
+    return len(groups[0]) if groups else default
 
 
 def _collective_bytes(ins: Instr, comp: Computation) -> float:
@@ -326,7 +342,7 @@ def analyse(text: str, devices: int) -> Program:
             base = op[:-len("-start")] if op.endswith("-start") else op
             if base in COLLECTIVES:
                 collectives.append(Collective(base, mult, _collective_bytes(ins, comp), _group_size(ins.attrs, devices),
-                                              not op.endswith("-start"), (comp.name, ins.name)))
+                                              not op.endswith("-start"), (comp.name, ins.name), replica_groups(ins.attrs)))
                 continue
             if op in STRUCTURAL or op.endswith("-done"):
                 continue
@@ -358,7 +374,8 @@ def analyse(text: str, devices: int) -> Program:
 class Device:
     peak_flops: float  # bf16 dense FLOP/s
     hbm_bytes_per_s: float
-    link_bytes_per_s: float  # collective bus bandwidth per device, one direction
+    link_bytes_per_s: float  # collective bus bandwidth per device within a node, one direction
+    network_bytes_per_s: float = 0.0  # the same across nodes (collectives whose groups span hosts)
 
 
 def kernel_time(k: Kernel, dev: Device) -> float:
@@ -370,7 +387,15 @@ def collective_time(c: Collective, dev: Device) -> float:
     if n == 1:
         return 0.0
     factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(c.kind, (n - 1) / n)
-    return c.bytes * factor / dev.link_bytes_per_s
+    return c.bytes * factor / (dev.network_bytes_per_s if c.crosses_hosts else dev.link_bytes_per_s)
+
+
+def mark_hosts(prog: Program, host_of: list[int]) -> None:
+    """Sets crosses_hosts on collectives with a group spanning hosts; host_of[i]: the host of logical
+    device i (the program's device assignment). Groups XLA does not print are taken to span all."""
+    for c in prog.collectives:
+        groups = c.groups or [list(range(len(host_of)))]
+        c.crosses_hosts = any(len({host_of[i] for i in g}) > 1 for g in groups)
 
 
 _NESTED = ("body", "true_computation", "false_computation", "branch_computations", "to_apply", "calls")

@@ -1,7 +1,7 @@
 """bench/gpu_aot.py: the shipped pre-training step, compiled for 8 H100s on a machine without a GPU,
 fits an H100 with a 10% margin and runs every attention as cuDNN flash attention.
 
-Needs jax's CUDA plugin (Python 3.12: `pip install -e '.[test]' 'jax[cuda12]'`, no GPU needed); skipped
+Needs jax's CUDA plugin (Python 3.12: `pip install -e . 'jax[cuda12]' pytest`, no GPU needed); skipped
 without it. Slow (a full-size XLA GPU compile, about 3 minutes on 2 cores):
 
     python -m pytest -q -m slow tests/test_gpu_aot.py

@@ -119,3 +119,24 @@ def test_f32_dots_run_at_half_the_bf16_peak():
     assert f.flops == 0 and f.flops_f32 == 2 * 64 * 16 * 32
     fast = hs.Device(peak_flops=1e6, hbm_bytes_per_s=1e12, link_bytes_per_s=1e9)
     assert hs.kernel_time(f, fast) == pytest.approx(f.flops_f32 / 0.5e6)
+
+
+def test_replica_groups_in_all_three_notations():
+    assert hs.replica_groups("replica_groups={{0,2},{1,3}}, x") == [[0, 2], [1, 3]]
+    assert hs.replica_groups("replica_groups=[2,4]<=[8], x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hs.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), x") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert hs.replica_groups("replica_groups=mesh['data'=2,'fsdp'=4] {'data'}, x") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert hs.replica_groups("replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}, x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hs.replica_groups("channel_id=1, x") is None
+
+
+def test_collectives_whose_groups_span_nodes_run_at_the_network_bandwidth():
+    prog = hs.analyse(HLO, devices=8)
+    ag, rs = prog.collectives
+    two_nodes = hs.Device(peak_flops=1e12, hbm_bytes_per_s=1e9, link_bytes_per_s=1e9, network_bytes_per_s=1e8)
+    hs.mark_hosts(prog, [0] * 8)  # one node
+    assert not ag.crosses_hosts and not rs.crosses_hosts
+    hs.mark_hosts(prog, [0, 0, 0, 0, 1, 1, 1, 1])  # both groups of 8 span the two nodes
+    assert ag.crosses_hosts and rs.crosses_hosts
+    assert hs.collective_time(rs, two_nodes) == pytest.approx(1024 * 7 / 8 / 1e8)
+    assert hs.collective_time(ag, hs.Device(1e12, 1e9, 1e9, 1e9)) == pytest.approx(8192 * 7 / 8 / 1e9)
