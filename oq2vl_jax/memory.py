@@ -23,15 +23,16 @@ def device_memory_bytes() -> int | None:
 
 
 def compiled_bytes(compiled) -> int | None:
-    """Per-device bytes a compiled executable needs: XLA's peak where jax reports it, else arguments +
-    outputs + temporaries, less the donated buffers its outputs reuse."""
+    """Per-device bytes a compiled executable needs: arguments + outputs + temporaries, less the
+    donated buffers its outputs reuse (or XLA's reported peak, if larger)."""
     ma = compiled.memory_analysis()
     if ma is None:
         return None
-    if getattr(ma, "peak_memory_in_bytes", 0):  # XLA's heap-simulated peak (newer jax)
-        return ma.peak_memory_in_bytes
-    return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-            - ma.alias_size_in_bytes + ma.generated_code_size_in_bytes)
+    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+             - ma.alias_size_in_bytes + ma.generated_code_size_in_bytes)
+    # XLA's heap-simulated peak where jax reports it: equal to the sum on GPU compiles seen so far,
+    # lower on CPU ones (which do not model donation the same way); the larger one is kept.
+    return max(total, getattr(ma, "peak_memory_in_bytes", 0) or 0)
 
 
 def advice(cfg) -> str:
