@@ -206,13 +206,9 @@ def compile_generation(cfg, devices, args, which: str):
     from oq2vl_jax import generate
     from oq2vl_jax.models.cache import KVCache
 
-    if cfg.model.arch != "oq2vl":
-        raise AotError(f"--steps {which}: generation is compiled for model.arch oq2vl only (not {cfg.model.arch})")
     model_cfg, mesh, graphdef, state = _generation_model(cfg, devices)
     whole = NamedSharding(mesh, P())
     b, new = args.gen_batch, args.new_tokens
-    t = -(-(model_cfg.image_tokens + args.prompt_text) // 32) * 32  # padded as Generator pads prompts
-    size = model_cfg.vision.image_size
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
 
     def run(fn, static):
@@ -220,7 +216,24 @@ def compile_generation(cfg, devices, args, which: str):
             return fn(nnx.merge(graphdef, st), *a, **static)
         return call
 
+    if model_cfg.arch == "qwen2_vl":
+        prompt = _qwen2_vl_prompt_batch(model_cfg, b, tuple(args.image_grid), args.prompt_text)
+        t = prompt[0].shape[1]
+    else:
+        t = -(-(model_cfg.image_tokens + args.prompt_text) // 32) * 32  # padded as Generator pads prompts
     if which == "prefill":
+        if model_cfg.arch == "qwen2_vl":
+            from oq2vl_jax import generate_qwen2_vl
+
+            args_ = tuple(spec(x.shape, x.dtype) for x in prompt)
+            lowered = jax.jit(run(generate_qwen2_vl.prefill, {"max_len": t + new})).lower(state, *args_)
+            from oq2vl_jax.flops import qwen2_vl_vision_flops
+
+            patches = prompt[3].shape[1]
+            flops = 2.0 * b * t * _llm_params(model_cfg) + qwen2_vl_vision_flops(
+                model_cfg, b, b * args.image_grid[0] * args.image_grid[1], patches, False)
+            return lowered, {"tokens": b * t, "model_flops": flops, "hosts_of": [0]}
+        size = model_cfg.vision.image_size
         args_ = (spec((b, t), jnp.int32), spec((b, 1, size, size, 3), jnp.float32), spec((b, t), jnp.int32),
                  spec((b, t), jnp.bool_))
         lowered = jax.jit(run(generate.prefill, {"max_len": t + new})).lower(state, *args_)
@@ -231,6 +244,22 @@ def compile_generation(cfg, devices, args, which: str):
     lowered = jax.jit(run(generate.decode_step, {}), donate_argnums=(1,)).lower(
         state, cache, spec((b,), jnp.int32), spec((b,), jnp.int32))
     return lowered, {"tokens": b, "model_flops": 2.0 * b * _llm_params(model_cfg), "hosts_of": [0]}
+
+
+def _qwen2_vl_prompt_batch(model_cfg, b: int, grid: tuple[int, int], text: int) -> tuple:
+    """(ids, positions, valid, patches, patch segment ids, patch positions) of b prompts of one image of
+    `grid` patches and `text` text tokens, padded as Qwen2VLGenerator pads them."""
+    from oq2vl_jax.generate_qwen2_vl import Qwen2VLPrompt, pad_batch
+
+    v = model_cfg.qwen2_vl_vision
+    k = grid[0] * grid[1] // v.spatial_merge_size**2
+    ids = ([model_cfg.vision_start_token_id] + [model_cfg.image_token_id] * k + [model_cfg.vision_end_token_id]
+           + [3] * text)
+    image = (np.zeros((grid[0] * grid[1], v.patch_dim), np.float32), grid)
+    ids_, valid, positions, _, patches, pseg, ppos = pad_batch(
+        [Qwen2VLPrompt(ids, [image])] * b, b, pad_id=0, image_token_id=model_cfg.image_token_id,
+        patch_dim=v.patch_dim, merge=v.spatial_merge_size, multiple=32)
+    return ids_, positions, valid, patches, pseg, ppos
 
 
 def _llm_params(model_cfg) -> float:
@@ -361,12 +390,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--topology", default="1x1x8", help="SLICESxHOSTSxGPUS_PER_HOST (default 1x1x8: one node)")
-    p.add_argument("--steps", default=None, help=f"comma-separated, of {', '.join(STEPS)} (default: all; "
-                   "train only for model.arch qwen2_vl, whose generation is not compiled here)")
+    p.add_argument("--steps", default=None, help=f"comma-separated, of {', '.join(STEPS)} (default: all)")
     p.add_argument("--margin", type=float, default=0.10, help="memory to leave free (fraction of the device's)")
     p.add_argument("--images-per-row", type=int, default=22, help="train: images in a packed caption row (qwen2_vl: at most what data.max_patches holds)")
     p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
-                   help="train, model.arch qwen2_vl: each image's patch grid")
+                   help="model.arch qwen2_vl: each image's patch grid (train rows and generation prompts)")
     p.add_argument("--gen-batch", type=int, default=32, help="prefill/decode: prompts per device")
     p.add_argument("--prompt-text", type=int, default=96, help="prefill: text tokens besides the image's")
     p.add_argument("--new-tokens", type=int, default=16, help="decode: cache room for this many new tokens")
@@ -397,8 +425,7 @@ def run(args) -> int:
     if cfg.data.global_batch_size % (cfg.train.micro_batches * len(devices)):
         raise AotError(f"data.global_batch_size={cfg.data.global_batch_size} does not split into "
                        f"train.micro_batches={cfg.train.micro_batches} x {len(devices)} devices")
-    default = STEPS if cfg.model.arch == "oq2vl" else ("train",)
-    steps = [s for s in args.steps.split(",") if s] if args.steps is not None else list(default)
+    steps = [s for s in args.steps.split(",") if s] if args.steps is not None else list(STEPS)
     name = os.path.splitext(os.path.basename(args.config))[0]
     reports = []
     for step in steps:

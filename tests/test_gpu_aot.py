@@ -79,3 +79,16 @@ def test_tiny_steps_compile_and_count_what_the_model_asks_for(tmp_path):
     assert "dense mask" in {a["kind"] for a in decode["xla_attention"]}
     assert train["devices"] == 8 and prefill["devices"] == decode["devices"] == 1
     assert train["collectives"]["reduce-scatter"]["count"] >= 1
+
+
+@needs_cuda_plugin
+def test_qwen2_vl_steps_compile_with_its_packed_patch_rows(tmp_path):
+    """Qwen2-VL's train step and generation compile; its tower's packed patch rows take XLA's dense-mask
+    attention (no cuDNN path for them), which the report names."""
+    proc, reports = aot(tmp_path, "--config", "configs/qwen2vl_tiny.yaml", "--set", "model.text.vocab_size=1024",
+                        "model.image_token_id=5", "--image-grid", "8", "8", "--gen-batch", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in reports] == ["train", "prefill", "decode"]
+    train, prefill, _ = reports
+    assert any(a["kind"] == "dense mask" and a["q"][1] == 192 for a in train["xla_attention"])  # 192-patch rows
+    assert any(a["kind"] == "dense mask" and a["q"][1] == 64 for a in prefill["xla_attention"])  # one 8x8 image
