@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -55,20 +56,21 @@ class Gpu:
     link_gbps: float  # NVLink collective bandwidth per GPU, one direction (GB/s)
     network_gbps: float  # inter-node bandwidth per GPU (one 400 Gb/s NIC per GPU), GB/s
 
+    @functools.cached_property
     def target_config(self) -> str:
         with open(os.path.join(HERE, "gpu_targets", self.spec)) as f:
             return f.read()
 
     def field(self, name: str) -> float:
-        return float(re.search(rf"\b{name}: ([\d.]+)", self.target_config()).group(1))
+        return float(re.search(rf"\b{name}: ([\d.]+)", self.target_config).group(1))
 
     @property
     def kind(self) -> str:
-        return re.search(r'device_description_str: "([^"]+)"', self.target_config()).group(1)
+        return re.search(r'device_description_str: "([^"]+)"', self.target_config).group(1)
 
     @property
     def capability(self) -> tuple[int, int]:
-        cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)\s*minor: (\d+)", self.target_config())
+        cc = re.search(r"cuda_compute_capability \{\s*major: (\d+)\s*minor: (\d+)", self.target_config)
         return int(cc.group(1)), int(cc.group(2))
 
 
@@ -91,7 +93,7 @@ def topology_devices(gpu: Gpu, topology: str):
     if not re.fullmatch(r"\d+x\d+x\d+", topology):
         raise AotError(f"--topology {topology!r}: expected SLICESxHOSTSxGPUS_PER_HOST, e.g. 1x1x8")
     try:
-        topo = topologies.get_topology_desc("aot", "cuda", target_config=gpu.target_config(), topology=topology)
+        topo = topologies.get_topology_desc("aot", "cuda", target_config=gpu.target_config, topology=topology)
     except Exception as e:  # noqa: BLE001 - the plugin's errors are plain RuntimeErrors
         raise AotError(f"no CUDA topology ({str(e).splitlines()[0][:200]}): install jax's CUDA plugin "
                        f"(pip install 'jax[cuda12]', Python 3.12)") from None
@@ -322,11 +324,10 @@ def report(step: str, lowered, info: dict, dense: collections.Counter, cfg, gpu:
                                              "exposed_s": 0.0, "async": 0.0})
     for c in prog.collectives:
         e = colls[c.kind]
-        t = hlo_stats.collective_time(c, dev)
         e["count"] += c.count
         e["gb"] += c.bytes * c.count / 1e9
-        e["s"] += t * c.count
-        e["exposed_s"] += (t if c.sync else max(0.0, t - c.window_s)) * c.count
+        e["s"] += hlo_stats.collective_time(c, dev) * c.count
+        e["exposed_s"] += hlo_stats.exposed_time(c, dev) * c.count
         e["async"] += 0 if c.sync else c.count
         e["across_nodes_gb"] += c.bytes * c.count / 1e9 if c.crosses_hosts else 0.0
     return {

@@ -390,6 +390,12 @@ def collective_time(c: Collective, dev: Device) -> float:
     return c.bytes * factor / (dev.network_bytes_per_s if c.crosses_hosts else dev.link_bytes_per_s)
 
 
+def exposed_time(c: Collective, dev: Device) -> float:
+    """A synchronous collective's whole time; an asynchronous one's beyond its overlap window."""
+    t = collective_time(c, dev)
+    return t if c.sync else max(0.0, t - c.window_s)
+
+
 def mark_hosts(prog: Program, host_of: list[int]) -> None:
     """Sets crosses_hosts on collectives with a group spanning hosts; host_of[i]: the host of logical
     device i (the program's device assignment). Groups XLA does not print are taken to span all."""
@@ -409,7 +415,7 @@ def overlap_windows(prog: Program, dev: Device) -> None:
     memo: dict[str, float] = {}
 
     def instr_time(ins: Instr) -> float:
-        if ins.opcode == "fusion" or ins.opcode not in STRUCTURAL:
+        if ins.opcode not in STRUCTURAL:
             return own.get(ins.name, 0.0)
         trips = int(_backend_config(ins.attrs).get("known_trip_count", {}).get("n", 1)) if ins.opcode == "while" else 1
         return trips * sum(comp_time(c) for key in _NESTED for c in _called(ins.attrs, key))
@@ -445,11 +451,8 @@ def roofline(prog: Program, dev: Device) -> dict:
     for k in prog.kernels:
         by_category[category(k)] += kernel_time(k, dev) * k.count
     compute = sum(by_category.values())
-    comm = exposed = 0.0
-    for c in prog.collectives:
-        t = collective_time(c, dev)
-        comm += t * c.count
-        exposed += (t if c.sync else max(0.0, t - c.window_s)) * c.count
+    comm = sum(collective_time(c, dev) * c.count for c in prog.collectives)
+    exposed = sum(exposed_time(c, dev) * c.count for c in prog.collectives)
     return {"compute_s": compute, "collective_s": comm, "exposed_collective_s": exposed, "step_s": compute + exposed,
             "flops": sum((k.flops + k.flops_f32) * k.count for k in prog.kernels),
             "f32_flops": sum(k.flops_f32 * k.count for k in prog.kernels),

@@ -305,16 +305,20 @@ def _iter_samples(cfg: PackConfig, path: str):
             tokens = _fit(cfg, b, b.conversation(turns))
             images = []
             for rel in image_paths[:tokens.num_images]:  # truncation may have dropped the last ones
-                try:
-                    with open(os.path.join(root, rel), "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    raise SampleError("missing_image", f"{rel}: {e}") from None
-                images.append(_image(cfg, data))
+                images.append(_image(cfg, _image_file(root, rel)))
             yield key, tokens, images
         except SampleError as e:
             yield key, e
     return errors[0] if errors else None
+
+
+def _image_file(root: str, rel: str) -> bytes:
+    """The bytes of a conversation's image, relative to the image root; a missing one fails the sample."""
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SampleError("missing_image", f"{rel}: {e}") from None
 
 
 def _collect_error(gen, errors: list):
@@ -377,11 +381,7 @@ def _iter_qwen2vl(cfg: PackConfig, b, path: str):
             turns, paths = _turns_and_images(entry)
             images = []
             for rel in paths:
-                try:
-                    with open(os.path.join(root, rel), "rb") as f:
-                        images.append(prepared(f.read()))
-                except OSError as e:
-                    raise SampleError("missing_image", f"{rel}: {e}") from None
+                images.append(prepared(_image_file(root, rel)))
             tokens = _fit(cfg, b, b.conversation(turns, [n for _, n in images]))
             yield key, tokens, [enc for enc, _ in images]
         except SampleError as e:

@@ -23,7 +23,7 @@ from oq2vl_jax.models.config import ModelConfig
 from oq2vl_jax.models.layers import dtype_of
 from oq2vl_jax.models.qwen2 import Qwen2ForCausalLM
 from oq2vl_jax.models.qwen2_vl_vision import Qwen2VisionTransformer
-from oq2vl_jax.models.vlm import chunked_token_losses, splice_image_embeddings, token_losses
+from oq2vl_jax.models.vlm import row_token_losses, splice_image_embeddings
 
 PATCH_KEYS = ("patches", "patch_segment_ids", "patch_positions")
 
@@ -68,10 +68,7 @@ class Qwen2VL(nnx.Module):
         ids, seg = batch["input_ids"], batch["segment_ids"]
         embeds = self.embed(ids, *(batch.get(k) for k in PATCH_KEYS))
         hidden = lm.hidden_states(embeds, _mrope(batch["positions"]), seg)
-        if cfg.loss_chunk_size:
-            return chunked_token_losses(hidden, lm.output_matrix(), ids, batch["loss_mask"], seg, False,
-                                        cfg.loss_chunk_size)
-        return token_losses(lm.logits(hidden), ids, batch["loss_mask"], seg, False)
+        return row_token_losses(lm, hidden, batch, chunk=cfg.loss_chunk_size, cross_segment=False)
 
 
 def _mrope(positions):

@@ -106,6 +106,15 @@ def chunked_token_losses(hidden, out_matrix, input_ids, loss_mask, segment_ids, 
     return total, jnp.sum(w, axis=1)
 
 
+def row_token_losses(lm, hidden, batch: dict, *, chunk: int, cross_segment: bool):
+    """(sums of token losses [B], target counts [B]) from the final hidden states: `chunk` positions at a
+    time (chunked_token_losses) when chunk is set, else from the whole rows' logits (token_losses)."""
+    ids, seg, mask = batch["input_ids"], batch["segment_ids"], batch["loss_mask"]
+    if chunk:
+        return chunked_token_losses(hidden, lm.output_matrix(), ids, mask, seg, cross_segment, chunk)
+    return token_losses(lm.logits(hidden), ids, mask, seg, cross_segment)
+
+
 class OQ2VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg.require_resolved()
@@ -204,7 +213,5 @@ class OQ2VL(nnx.Module):
         lm, cfg = self.language_model, self.cfg
         ids, seg = batch["input_ids"], batch["segment_ids"]
         hidden = lm.hidden_states(self.embed(ids, batch.get("images")), batch["positions"], seg)
-        if cfg.loss_chunk_size and ids.shape[1] - 1 > cfg.loss_chunk_size:  # shorter rows: one chunk
-            return chunked_token_losses(hidden, lm.output_matrix(), ids, batch["loss_mask"], seg,
-                                        cfg.cross_segment_attention, cfg.loss_chunk_size)
-        return token_losses(lm.logits(hidden), ids, batch["loss_mask"], seg, cfg.cross_segment_attention)
+        chunk = cfg.loss_chunk_size if ids.shape[1] - 1 > cfg.loss_chunk_size else 0  # shorter rows: one chunk
+        return row_token_losses(lm, hidden, batch, chunk=chunk, cross_segment=cfg.cross_segment_attention)
